@@ -1,0 +1,25 @@
+"""Array <-> bytes conversions of the gRPC messages, shared by server and client.
+
+Everything is little-endian and row-major so the format does not depend on the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VECTOR_DTYPE = np.dtype("<f4")
+ID_DTYPE = np.dtype("<i8")
+
+
+def pack(array: np.ndarray, dtype: np.dtype) -> bytes:
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def unpack(data: bytes, dtype: np.dtype, columns: int) -> np.ndarray:
+    """Rows of ``columns`` values; raises ValueError when the byte count does not fit."""
+    if columns <= 0:
+        raise ValueError(f"column count must be positive, got {columns}")
+    row_bytes = dtype.itemsize * columns
+    if len(data) % row_bytes:
+        raise ValueError(f"{len(data)} bytes is not a whole number of {columns}-value {dtype.name} rows")
+    return np.frombuffer(data, dtype=dtype).reshape(-1, columns)
