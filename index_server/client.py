@@ -51,8 +51,11 @@ class ClientConfig:
 
 
 def parse_addresses(spec: str) -> tuple[str, ...]:
-    """``grpc://h:p,h:p`` or ``h:p,h:p`` -> ("h:p", "h:p")."""
-    body = spec.removeprefix("grpc://")
+    """``grpc://h:p+h:p`` (or with commas) -> ("h:p", "h:p").
+
+    ``+`` is the separator to use inside ``--model_args``, which lm-eval splits on commas.
+    """
+    body = spec.removeprefix("grpc://").replace("+", ",")
     addresses = tuple(a.strip().removeprefix("grpc://") for a in body.split(",") if a.strip())
     for a in addresses:
         host, _, port = a.rpartition(":")

@@ -42,7 +42,7 @@ def serve_all(args: argparse.Namespace) -> None:
             raise RuntimeError(f"shard {shard.index} server exited before serving (exit code {process.wait()})")
         addresses.append(line.rsplit(" ", 1)[-1].strip())
         print(line.strip(), flush=True)
-    print("index=grpc://" + ",".join(addresses), flush=True)
+    print("index=grpc://" + "+".join(addresses), flush=True)  # ready for --model_args
 
     stopped = threading.Event()
 

@@ -1,0 +1,62 @@
+"""Dataset loaders for the task YAMLs in this folder (``custom_dataset: !function ...``).
+
+lm-eval calls them with the task's ``metadata`` (plus ``--metadata`` JSON keys) and
+``dataset_kwargs``. Paths come from there or from environment variables, never from the
+YAML, so the same files work on every machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import datasets
+
+
+def _read_jsonl(path: Path):
+    if path.suffix == ".zst":
+        import zstandard  # only needed for the compressed Pile files
+
+        stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    else:
+        stream = open(path, encoding="utf-8")
+    with stream:
+        for line_no, line in enumerate(stream, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from e
+
+
+def _dataset(rows: list[dict], source: str) -> dict:
+    if not rows:
+        raise ValueError(f"{source}: no documents")
+    return {"test": datasets.Dataset.from_list([{"text": r["text"], "meta": json.dumps(r.get("meta") or {})} for r in rows])}
+
+
+def load_bundled(subset: str = "stdlib_code", **kwargs) -> dict:
+    """Held-out test split of the bundled corpus (written on first use)."""
+    from lm_eval_ttt.assets import ensure_default_corpus
+
+    path = ensure_default_corpus() / f"{subset}.test.jsonl"
+    return _dataset(list(_read_jsonl(path)), str(path))
+
+
+def load_pile(pile_set_name: str, pile_file: str | None = None, **kwargs) -> dict:
+    """One Pile subset from the user's local copy of the Pile test (or validation) file.
+
+    Point at it with ``--metadata '{"pile_file": "/data/pile/test.jsonl.zst"}'`` or the
+    ``PILE_TEST_FILE`` environment variable.
+    """
+    pile_file = pile_file or os.environ.get("PILE_TEST_FILE")
+    if not pile_file:
+        raise ValueError(
+            "the Pile tasks read a local copy of the Pile: pass --metadata "
+            "'{\"pile_file\": \"/path/to/test.jsonl.zst\"}' or set PILE_TEST_FILE"
+        )
+    path = Path(pile_file).expanduser()
+    rows = [r for r in _read_jsonl(path) if (r.get("meta") or {}).get("pile_set_name") == pile_set_name]
+    return _dataset(rows, f"{path} (pile_set_name {pile_set_name!r})")
