@@ -105,7 +105,7 @@ def _check_line(raw: bytes) -> tuple[str | None, bool]:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return f"byte {e.start} is not valid UTF-8 (0x{raw[e.start]:02x})", False
+        return f"byte offset {e.start} is not valid UTF-8 (0x{raw[e.start]:02x})", False
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
