@@ -28,6 +28,7 @@ from .retriever import Retriever, RetrieverConfig, text_key
 from .ttt import TestTimeTrainer, TTTConfig, default_lr
 
 ORDERS = ("nearest", "farthest")
+QUERIES = ("full", "prefix")
 
 
 def _as_bool(value) -> bool:
@@ -66,6 +67,7 @@ class RunSettings:
     max_length: int
     max_neighbor_tokens: int | None
     order: str
+    query: str
     exclude_duplicates: bool
     reset_optimizer: bool
     seed: int
@@ -85,6 +87,7 @@ class TTTNNLM(HFLM):
         lr: float | None = None,
         max_neighbor_tokens: int | None = None,
         order: str = "nearest",
+        query: str = "full",
         exclude_duplicates: bool = False,
         reset_optimizer: bool = True,
         eval_at_k: str | None = None,
@@ -101,6 +104,9 @@ class TTTNNLM(HFLM):
         super().__init__(pretrained=pretrained, dtype=dtype, **kwargs)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
+        self.query = query
         self.k = _as_int_or_none(k) or 0
         self.order = order
         self.eval_at_k = parse_eval_at_k(eval_at_k, self.k)
@@ -132,6 +138,7 @@ class TTTNNLM(HFLM):
             max_length=self.max_length,
             max_neighbor_tokens=self.ttt_config.max_neighbor_tokens,
             order=order,
+            query=query,
             exclude_duplicates=self.retriever.config.exclude_duplicates,
             reset_optimizer=self.ttt_config.reset_optimizer,
             seed=self.ttt_config.seed,
@@ -151,12 +158,24 @@ class TTTNNLM(HFLM):
     def _score(self, request: Instance) -> float:
         return HFLM.loglikelihood_rolling(self, [request], disable_tqdm=True)[0]
 
+    def query_text(self, request: Instance) -> str:
+        """What retrieval sees: the scored text, or under the split protocol its prefix."""
+        if self.query == "full":
+            return request.args[0]
+        prefix = (request.doc or {}).get("prefix")
+        if prefix is None:
+            raise ValueError(
+                "query=prefix needs a split task whose documents carry a 'prefix' field "
+                "(e.g. ttt_stdlib_code_split, or dataset_kwargs split_prefix: 0.5)"
+            )
+        return prefix
+
     def adapt_and_score(self, request: Instance) -> dict:
         """Retrieve, train, score at each k of ``eval_at_k``, reset. Returns the log record."""
         text = request.args[0]
         timings = {"retrieve_s": 0.0, "train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
         t = time.perf_counter()
-        neighbours = self.retriever.retrieve(text, self.k)
+        neighbours = self.retriever.retrieve(self.query_text(request), self.k)
         timings["retrieve_s"] = time.perf_counter() - t
         tokens = [self.tokenizer(n, add_special_tokens=False).input_ids for n in neighbours.texts]
         if self.order == "farthest":

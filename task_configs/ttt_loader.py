@@ -31,21 +31,39 @@ def _read_jsonl(path: Path):
                     raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from e
 
 
-def _dataset(rows: list[dict], source: str) -> dict:
+def split_at_line(text: str, fraction: float) -> tuple[str, str]:
+    """Split protocol: (prefix, rest), cut at the first line break after ``fraction`` of the text."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"split_prefix must lie in (0, 1), got {fraction}")
+    cut = int(len(text) * fraction)
+    newline = text.find("\n", cut)
+    cut = newline + 1 if 0 <= newline < len(text) - 1 else cut
+    return text[:cut], text[cut:]
+
+
+def _dataset(rows: list[dict], source: str, split_prefix: float | None = None) -> dict:
+    """Rows -> {"test": Dataset}. With ``split_prefix``, ``text`` becomes the scored rest and
+    ``prefix`` the part that ``query=prefix`` retrieves on."""
     if not rows:
         raise ValueError(f"{source}: no documents")
-    return {"test": datasets.Dataset.from_list([{"text": r["text"], "meta": json.dumps(r.get("meta") or {})} for r in rows])}
+    records = []
+    for r in rows:
+        record = {"text": r["text"], "meta": json.dumps(r.get("meta") or {})}
+        if split_prefix is not None:
+            record["prefix"], record["text"] = split_at_line(r["text"], float(split_prefix))
+        records.append(record)
+    return {"test": datasets.Dataset.from_list(records)}
 
 
-def load_bundled(subset: str = "stdlib_code", **kwargs) -> dict:
+def load_bundled(subset: str = "stdlib_code", split_prefix: float | None = None, **kwargs) -> dict:
     """Held-out test split of the bundled corpus (written on first use)."""
     from lm_eval_ttt.assets import ensure_default_corpus
 
     path = ensure_default_corpus() / f"{subset}.test.jsonl"
-    return _dataset(list(_read_jsonl(path)), str(path))
+    return _dataset(list(_read_jsonl(path)), str(path), split_prefix)
 
 
-def load_pile(pile_set_name: str, pile_file: str | None = None, **kwargs) -> dict:
+def load_pile(pile_set_name: str, pile_file: str | None = None, split_prefix: float | None = None, **kwargs) -> dict:
     """One Pile subset from the user's local copy of the Pile test (or validation) file.
 
     Point at it with ``--metadata '{"pile_file": "/data/pile/test.jsonl.zst"}'`` or the
@@ -59,4 +77,4 @@ def load_pile(pile_set_name: str, pile_file: str | None = None, **kwargs) -> dic
         )
     path = Path(pile_file).expanduser()
     rows = [r for r in _read_jsonl(path) if (r.get("meta") or {}).get("pile_set_name") == pile_set_name]
-    return _dataset(rows, f"{path} (pile_set_name {pile_set_name!r})")
+    return _dataset(rows, f"{path} (pile_set_name {pile_set_name!r})", split_prefix)
