@@ -49,6 +49,19 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         register()
 
 
+def lm_eval_main() -> None:
+    """``lm-eval-ttt``: the stock harness CLI with ttt-nn registered explicitly.
+
+    A fallback for environments where ``.pth`` files are not processed (``python -S``,
+    some embedded interpreters); the arguments are exactly ``lm_eval``'s.
+    """
+    import lm_eval.models  # noqa: F401  (built-in models first, then ours)
+    from lm_eval.__main__ import cli_evaluate
+
+    register()
+    cli_evaluate()
+
+
 def install() -> None:
     if _TARGET in sys.modules:
         register()
