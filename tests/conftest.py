@@ -74,6 +74,13 @@ def small_corpus(default_corpus, tmp_path_factory) -> Path:
     return out
 
 
+def requests(texts):
+    """Harness rolling-likelihood requests for raw texts."""
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+
+
 def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat", max_tokens: int = 32) -> Path:
     from index_server.build import BuildConfig, build_index
     from index_server.encoder import EncoderConfig

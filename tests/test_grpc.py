@@ -169,3 +169,24 @@ def test_checked_in_stubs_match_the_proto(tmp_path):
                     f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/knn.proto"], cwd=repo, check=True)
     for name in ("knn_pb2.py", "knn_pb2_grpc.py", "knn_pb2.pyi"):
         assert (tmp_path / "index_server/_proto" / name).read_bytes() == (repo / "index_server/_proto" / name).read_bytes()
+
+
+def test_tls_and_health_check(sharded, queries, tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    server, address = start(sharded, tls_cert=cert, tls_key=key)
+    try:
+        client = GrpcIndex(ClientConfig((address,), tls_ca=cert))
+        np.testing.assert_array_equal(client.search(queries, 3).ids, LocalIndex(sharded).search(queries, 3).ids)
+        with pytest.raises(ShardUnavailableError, match="UNAVAILABLE"):  # plaintext client refused
+            GrpcIndex(ClientConfig((address,), retries=0, timeout_s=3))
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(cert.read_bytes()))
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tttnn.knn.v1.KnnShard"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)

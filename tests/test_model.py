@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
 
-from conftest import run
+from conftest import requests, run
 from index_server.server import ServerConfig, start_server
 from lm_eval_ttt.retriever import RetrievalError
 from lm_eval_ttt.ttt import chunk_tokens
@@ -19,10 +18,6 @@ def state_hash(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def requests(texts):
-    return [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_ttt_lowers_bits_per_byte_and_restores_weights_exactly(ttt_model, test_d
     original = state_hash(ttt_model.model)
     records = []
     for request in requests(test_docs):
-        records.append(ttt_model.adapt_and_score(request))
+        records.append(ttt_model.score_document(request))
         assert state_hash(ttt_model.model) == original
         assert len(ttt_model.trainer.optimizer.state) == 0
         assert not ttt_model.model.training
@@ -80,8 +75,8 @@ def test_resume_reuses_finished_documents_with_identical_numbers(default_index, 
     assert len(lines) == N_DOCS
     model.log_path.write_text(lines[0] + "\n")  # as if interrupted after one document
     calls = []
-    original = model.adapt_and_score
-    model.adapt_and_score = lambda req: calls.append(req) or original(req)
+    original = model.score_document
+    model.score_document = lambda req: calls.append(req) or original(req)
     again = model.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
     assert again == first
     assert [c.args[0] for c in calls] == test_docs[1:]
@@ -90,14 +85,14 @@ def test_resume_reuses_finished_documents_with_identical_numbers(default_index, 
 
 def test_reset_optimizer_false_reproduces_the_reference_leak(default_index, test_docs, tmp_path):
     model = make_model(tmp_path, k=1, reset_optimizer=False)
-    model.adapt_and_score(requests(test_docs[:1])[0])
+    model.score_document(requests(test_docs[:1])[0])
     assert len(model.trainer.optimizer.state) > 0  # Adam moments carried into the next document
 
 
 def test_short_document_and_retriever_failure(default_index, test_docs, tmp_path):
     server, port, _ = start_server(ServerConfig(index=default_index))
     model = make_model(tmp_path, k=1, index=f"grpc://127.0.0.1:{port}", retrieval_timeout=2)
-    record = model.adapt_and_score(requests(["x = 1"])[0])  # shorter than one chunk
+    record = model.score_document(requests(["x = 1"])[0])  # shorter than one chunk
     assert record["neighbours_found"] == 1 and record["loglikelihood"] < 0
     server.stop(0)
     with pytest.raises(RetrievalError, match="retrieval failed for document"):

@@ -1,0 +1,125 @@
+"""gRPC shard service vs the in-process index: latency, throughput, concurrency.
+
+Usage: python benchmarks/bench_grpc.py [--vectors 100000] [--k 20]
+Builds Flat indexes of random 384-d vectors over a synthetic corpus (S = 1 and 4 shards),
+starts one `ttt-index serve` process per shard on loopback, and prints p50/p99 latency per
+query and queries/s for single queries and batches of 32, in-process and over gRPC side by
+side, then 8 concurrent clients x 1000 queries (errors must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import WORK, print_table  # noqa: E402
+
+from index_server.atomic import atomic_output  # noqa: E402
+from index_server.build import BuildConfig, write_index  # noqa: E402
+from index_server.client import ClientConfig, GrpcIndex  # noqa: E402
+from index_server.corpus import scan_corpus  # noqa: E402
+from index_server.encoder import EncoderConfig  # noqa: E402
+from index_server.search import LocalIndex  # noqa: E402
+
+DIM = 384
+
+
+def build(n: int, shards: int) -> Path:
+    corpus = WORK / f"synthetic-{n}.jsonl"
+    if not corpus.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps({"text": f"synthetic document {i}"}) + "\n" for i in range(n)))
+    out = WORK / f"synthetic-{n}-s{shards}"
+    vectors = np.random.default_rng(0).standard_normal((n, DIM)).astype(np.float32)
+    config = BuildConfig(corpus=(corpus,), output=out, shards=shards, overwrite=True, progress=False)
+    with atomic_output(out, overwrite=True) as scratch:
+        write_index(scratch, scan_corpus([corpus], progress=False), vectors, EncoderConfig().identity(), config)
+    return out
+
+
+def serve(index: Path, shards: int) -> tuple[list[subprocess.Popen], tuple[str, ...]]:
+    procs = [subprocess.Popen([str(Path(sys.executable).with_name("ttt-index")), "serve", str(index), "--shards", str(i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(shards)]
+    return procs, tuple(p.stdout.readline().rsplit(" ", 1)[-1].strip() for p in procs)
+
+
+def timed(search, queries: np.ndarray, batch: int, k: int) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, queries/s) with one call per ``batch`` queries; latency per call."""
+    latencies = []
+    start = time.perf_counter()
+    for i in range(0, len(queries), batch):
+        t = time.perf_counter()
+        search(queries[i : i + batch], k)
+        latencies.append((time.perf_counter() - t) * 1000)
+    qps = len(queries) / (time.perf_counter() - start)
+    return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), qps
+
+
+def concurrent(addresses: tuple[str, ...], queries: np.ndarray, k: int, clients: int, per_client: int) -> tuple[int, int, float]:
+    errors, done = [], []
+
+    def worker(seed: int) -> None:
+        client = GrpcIndex(ClientConfig(addresses))
+        rng = np.random.default_rng(seed)
+        for _ in range(per_client):
+            try:
+                client.search(queries[rng.integers(len(queries))][None], k)
+                done.append(1)
+            except Exception as e:  # counted, reported below
+                errors.append(repr(e))
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(done), len(errors), len(done) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--vectors", type=int, default=100_000)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=1000)
+    args = parser.parse_args()
+    queries = np.random.default_rng(1).standard_normal((args.queries, DIM)).astype(np.float32)
+    rows, load_rows = [], []
+    for shards in (1, 4):
+        index = build(args.vectors, shards)
+        local = LocalIndex(index)
+        procs, addresses = serve(index, shards)
+        try:
+            remote = GrpcIndex(ClientConfig(addresses))
+            np.testing.assert_array_equal(remote.search(queries, args.k).ids, local.search(queries, args.k).ids)
+            for batch in (1, 32):
+                for name, backend in (("in-process", local), ("gRPC", remote)):
+                    p50, p99, qps = timed(backend.search, queries, batch, args.k)
+                    rows.append([shards, batch, name, round(p50, 2), round(p99, 2), round(qps, 1)])
+            ok, failed, qps = concurrent(addresses, queries, args.k, args.clients, args.per_client)
+            load_rows.append([shards, args.clients, ok, failed, round(qps, 1)])
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait()
+    print_table(f"{args.vectors} vectors x {DIM} dims, Flat, k={args.k}; latency per call",
+                ["shards", "batch", "backend", "p50 ms", "p99 ms", "queries/s"], rows)
+    print_table(f"{args.clients} concurrent gRPC clients x {args.per_client} single queries",
+                ["shards", "clients", "answered", "errors", "queries/s"], load_rows)
+
+
+if __name__ == "__main__":
+    main()

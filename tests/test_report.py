@@ -1,0 +1,56 @@
+import json
+import struct
+import zlib
+
+import pytest
+
+from conftest import run
+from lm_eval_ttt.report import curve_points, load_runs, markdown_table
+
+
+@pytest.fixture(scope="module")
+def results(default_index, tmp_path_factory):
+    """Real lm_eval runs of three of our methods plus the stock hf base, 2 documents each."""
+    from lm_eval_ttt.assets import bundled_lm_path
+    from lm_eval_ttt.cli import task_configs_dir
+
+    out = tmp_path_factory.mktemp("runs")
+    common = ["--tasks", "ttt_stdlib_code", "--include_path", str(task_configs_dir()), "--limit", "2",
+              "--device", "cpu", "--batch_size", "1"]
+    lm = f"pretrained={bundled_lm_path()},max_length=64"
+    logs = f"log_dir={out / 'logs'}"
+    for name, model, args in [
+        ("hf", "hf", lm),
+        ("ttt", "ttt-nn", f"{lm},k=2,eval_at_k=0:1:2,max_neighbor_tokens=64,{logs}"),
+        ("ctx", "ttt-nn-context", f"{lm},k=2,{logs}"),
+        ("interp", "ttt-nn-interp", f"{lm},k=2,lambda=0.1,{logs}"),
+    ]:
+        run("lm_eval", "--model", model, "--model_args", args, *common, "--output_path", str(out / name))
+    return out
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height, data
+
+
+def test_report_table_equals_inputs_and_plots_are_real_images(results, tmp_path):
+    run("ttt-nn", "report", str(results), "--out", str(tmp_path / "report"))
+    runs = load_runs([results])
+    assert {r.method for r in runs} == {"hf", "ttt-nn", "ttt-nn-context", "ttt-nn-interp"}
+    table = (tmp_path / "report" / "report.md").read_text()
+    base = next(r for r in runs if r.method == "hf").metrics["bits_per_byte"]
+    for file in results.rglob("results_*.json"):
+        data = json.loads(file.read_text())
+        row = data["results"]["ttt_stdlib_code"]
+        bpb = row["bits_per_byte,none"]
+        assert f"| {bpb:.4f} | {row['byte_perplexity,none']:.4f} | {row['word_perplexity,none']:.2f} | {bpb / base:.1%} | 2 |" in table
+    ttt = next(r for r in runs if r.method == "ttt-nn")
+    assert [k for k, _ in curve_points(ttt)] == [0, 1, 2]
+    for name in ("bpb_vs_k.png", "bpb_by_method.png", "train_cost.png"):
+        width, height, data = png_size(tmp_path / "report" / name)
+        assert width >= 400 and height >= 300
+        assert len(data) > 10_000  # axes, bars, lines and labels: not a blank canvas
+    assert markdown_table(runs) in table
