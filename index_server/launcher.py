@@ -30,7 +30,8 @@ def serve_all(args: argparse.Namespace) -> None:
     manifest = Manifest.load(args.index)
     manifest.verify(args.index)
     processes = [
-        subprocess.Popen(server_command(args, shard.index, args.base_port + shard.index), stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(server_command(args, shard.index, args.base_port and args.base_port + shard.index),
+                         stdout=subprocess.PIPE, text=True)
         for shard in manifest.shards
     ]
     addresses = []

@@ -207,7 +207,7 @@ def add_server_arguments(p: argparse.ArgumentParser, single_shard: bool = True) 
         p.add_argument("--shards", type=int, nargs="+", help="shard numbers to serve (default: all)")
         p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: %(default)s)")
     else:
-        p.add_argument("--base-port", type=int, default=50051, help="port of shard 0; shard i gets base+i (default: %(default)s)")
+        p.add_argument("--base-port", type=int, default=50051, help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
     p.add_argument("--max-k", type=int, default=1024, help="largest k accepted (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=4096, help="most query vectors per request (default: %(default)s)")
