@@ -150,13 +150,14 @@ def plot_bars(runs: list[Run], out: Path) -> Path:
     tasks = sorted({r.task for r in runs})
     labels = sorted({r.label for r in runs}, key=lambda l: (not l.startswith("hf"), l))
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 2 + 1.5 * len(tasks) * len(labels) * 0.5), 4))
+    fig, ax = plt.subplots(figsize=(4 + 0.6 * len(tasks) * len(labels), 4))
     for i, label in enumerate(labels):
         values = [next((r.metrics["bits_per_byte"] for r in runs if r.task == t and r.label == label), math.nan) for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], values, width, label=label)
+        bars = ax.bar([j + i * width for j in range(len(tasks))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(tasks))], tasks)
     ax.set(ylabel="bits per byte (lower is better)", title="before (hf) and after, per task and method")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, out)
 
 
