@@ -21,7 +21,9 @@ from .corpus import CorpusScan, CorpusStore, file_sha256, scan_corpus
 from .encoder import EncoderConfig, TextEncoder
 from .manifest import DOC_TABLE_NAME, Manifest, ShardInfo
 
-_EMBED_BLOCK = 4096  # documents read from the store and embedded per step
+# Documents read from the store and embedded per step: large enough for length-sorted
+# batches, small enough that the block's texts stay a few MB.
+_EMBED_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def embed_corpus(store: CorpusStore, encoder: TextEncoder, out: np.ndarray, prog
     with tqdm(total=len(store), desc="embed documents", unit="doc", disable=not progress) as bar:
         for start in range(0, len(store), _EMBED_BLOCK):
             end = min(start + _EMBED_BLOCK, len(store))
-            out[start:end] = encoder.encode(list(store.iter_texts(start, end)))
+            out[start:end] = encoder.encode([encoder.clip(t) for t in store.iter_texts(start, end)])
             store.release_pages()
             bar.update(end - start)
 

@@ -69,11 +69,14 @@ class TextEncoder:
         self.device = device
         self.dim = int(self.model.config.hidden_size)
 
+    def clip(self, text: str) -> str:
+        """The part of ``text`` that can reach the first ``max_tokens`` tokens."""
+        return text[: self.config.max_tokens * _CHARS_PER_TOKEN_BOUND]
+
     def _encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         torch = self._torch
-        limit = self.config.max_tokens * _CHARS_PER_TOKEN_BOUND
         batch = self.tokenizer(
-            [t[:limit] for t in texts],
+            [self.clip(t) for t in texts],
             padding=True,
             truncation=True,
             max_length=self.config.max_tokens,
