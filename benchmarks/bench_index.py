@@ -65,7 +65,10 @@ def main() -> None:
         recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found, truth)]))
         shard_bytes = sum((out / s.file).stat().st_size for s in manifest.shards)
         total_s = scan_s + embed_s + write_s
-        code_bytes = index.shards[0].index.sa_code_size()  # per-vector code, without fixed codebooks
+        try:  # per-vector code, without fixed codebooks
+            code_bytes = index.shards[0].index.sa_code_size()
+        except RuntimeError:  # HNSW: flat codes plus link lists, no standalone codec
+            code_bytes = "-"
         rows.append([factory, manifest.n_vectors, round(write_s, 2), round(total_s, 1), round(manifest.n_vectors / total_s, 1),
                      code_bytes, round(shard_bytes / manifest.n_vectors, 1), round(recall, 3), round(search_ms, 3)])
     print(f"scan {scan_s:.1f} s; embedding {len(store)} documents at {args.max_tokens} tokens: {embed_s:.1f} s "
