@@ -19,7 +19,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from .harness import NeighbourLM, as_int_or_none
-from .ttt import TestTimeTrainer, TTTConfig, default_lr
+from .ttt import TestTimeTrainer, TTTConfig
 
 # Characters of a neighbour tokenised when only its tail is needed as context.
 _CHARS_PER_TOKEN_BOUND = 64
@@ -142,9 +142,8 @@ class DynamicEvalLM(NeighbourLM):
     def __init__(self, lr: float | None = None, iterations: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         self.iterations = as_int_or_none(iterations) or 0
-        n_params = sum(p.numel() for p in self.model.parameters())
-        lr = float(lr) if lr is not None else default_lr(n_params)
-        self.trainer = TestTimeTrainer(self.model, TTTConfig(lr=lr, max_length=self.max_length, seed=self.seed))
+        config = TTTConfig(lr=self.learning_rate(lr), max_length=self.max_length, seed=self.seed)
+        self.trainer = TestTimeTrainer(self.model, config)
 
     def method_settings(self) -> dict:
         return {"lr": self.trainer.config.lr, "iterations": self.iterations}

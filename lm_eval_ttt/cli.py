@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from .assets import bundled_lm_path, ensure_default_index
-
-METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+from .report import METRICS
 
 
 def task_configs_dir() -> Path:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
 from .retriever import Neighbours, Retriever, RetrieverConfig, text_key
+from .ttt import default_lr
 
 QUERIES = ("full", "prefix")
 
@@ -94,6 +95,10 @@ class NeighbourLM(HFLM):
             "exclude_duplicates": self.retriever.config.exclude_duplicates if self.retriever else None,
         }
         self.log_dir = Path(log_dir)
+
+    def learning_rate(self, lr: float | str | None) -> float:
+        """The given lr, else the paper's default for this model's size."""
+        return float(lr) if lr is not None else default_lr(sum(p.numel() for p in self.model.parameters()))
 
     # -- settings and log -------------------------------------------------------------------
     def method_settings(self) -> dict:

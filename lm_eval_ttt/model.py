@@ -14,7 +14,7 @@ import time
 from lm_eval.api.instance import Instance
 
 from .harness import NeighbourLM, as_bool, as_int_or_none
-from .ttt import TestTimeTrainer, TTTConfig, default_lr
+from .ttt import TestTimeTrainer, TTTConfig
 
 ORDERS = ("nearest", "farthest")
 
@@ -46,9 +46,8 @@ class TTTNNLM(NeighbourLM):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.order = order
         self.eval_at_k = parse_eval_at_k(eval_at_k, self.k)
-        n_params = sum(p.numel() for p in self.model.parameters())
         self.ttt_config = TTTConfig(
-            lr=float(lr) if lr is not None else default_lr(n_params),
+            lr=self.learning_rate(lr),
             max_length=self.max_length,
             max_neighbor_tokens=as_int_or_none(max_neighbor_tokens),
             reset_optimizer=as_bool(reset_optimizer),
