@@ -29,17 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import bundled_corpus, print_table  # noqa: E402
 
-from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from lm_eval_ttt.model import TTTNNLM  # noqa: E402
 from lm_eval_ttt.ttt import chunk_tokens  # noqa: E402
-
-
-def windows(lm: TTTNNLM, text: str) -> list[tuple[list[int], list[int]]]:
-    """The harness's disjoint rolling windows (context, continuation) for one document."""
-    return [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
-        token_list=lm.tok_encode(text), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1)]
 
 
 def bare_compute(lm: TTTNNLM, text: str, neighbour_texts: list[str]) -> float:
@@ -48,7 +41,7 @@ def bare_compute(lm: TTTNNLM, text: str, neighbour_texts: list[str]) -> float:
     optimizer = torch.optim.AdamW(params, lr=lm.ttt_config.lr, eps=1e-8, weight_decay=0.01)
     chunks = [c for t in neighbour_texts for c in chunk_tokens(
         lm.tokenizer(t, add_special_tokens=False).input_ids, lm.max_length, lm.ttt_config.max_neighbor_tokens)]
-    inputs = [torch.tensor([ctx + cont]) for ctx, cont in windows(lm, text)]
+    inputs = [torch.tensor([ctx + cont]) for ctx, cont in lm.windows(text)]
     start = time.perf_counter()
     model.train()
     for chunk in chunks:
@@ -73,7 +66,7 @@ def reference_loop(lm: TTTNNLM, text: str, neighbour_texts: list[str], saved_sta
     def score() -> float:
         total = 0.0
         with torch.no_grad():
-            for ctx, cont in windows(lm, text):
+            for ctx, cont in lm.windows(text):
                 ids = torch.tensor([(ctx + cont)[:-1]])
                 logprobs = torch.log_softmax(model(ids).logits, dim=-1).cpu()  # whole vocabulary to the CPU
                 targets = torch.tensor(cont)

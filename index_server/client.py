@@ -89,6 +89,10 @@ class _Server:
         return f"{self.address} (shards {shards})"
 
 
+def _unavailable(server: _Server, method: str, error: grpc.RpcError) -> ShardUnavailableError:
+    return ShardUnavailableError(f"shard server {server.label} failed {method}: {error.code().name}: {error.details()}")
+
+
 class GrpcIndex:
     def __init__(self, config: ClientConfig):
         self.config = config
@@ -133,9 +137,7 @@ class GrpcIndex:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise ShardUnavailableError(
-                    f"shard server {server.label} failed {method}: {e.code().name}: {e.details()}"
-                ) from e
+                raise _unavailable(server, method, e) from e
 
     def _fan_out(self, method: str, requests: dict[int, object]) -> tuple[dict[int, object], dict[int, Exception]]:
         """Send requests[i] to servers[i] concurrently (gRPC futures), retrying transient errors."""
@@ -154,9 +156,7 @@ class GrpcIndex:
                     except ShardUnavailableError as retry_error:
                         errors[i] = retry_error
                 else:
-                    errors[i] = ShardUnavailableError(
-                        f"shard server {self.servers[i].label} failed {method}: {e.code().name}: {e.details()}"
-                    )
+                    errors[i] = _unavailable(self.servers[i], method, e)
         return answers, errors
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
