@@ -1,30 +1,119 @@
-"""Directories that appear whole or not at all."""
+"""Directories that appear whole or not at all, and never replace what they should not.
+
+``atomic_output`` yields a scratch sibling directory that replaces the target only when the
+block succeeds. The scratch directory carries the owner's pid: SIGTERM removes it on the
+way out, and after a SIGKILL the next ``atomic_output`` on the same target finds and removes
+it. ``--overwrite`` only ever replaces a directory that holds ``marker`` (the manifest of an
+index this tool built) and never one that holds an input of the job.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+_SCRATCH_TAG = ".tmp-"
+_OWNER_FILE = ".owner-pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(output: Path) -> list[Path]:
+    """Remove scratch siblings of ``output`` left by processes that no longer run."""
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for candidate in output.parent.glob(f".{output.name}{_SCRATCH_TAG}*"):
+        owner = candidate / _OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or its owner is still writing the pid
+        if not _alive(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def check_replaceable(output: Path, marker: str | None, inputs: Sequence[Path] = ()) -> None:
+    """Refuse to replace ``output`` unless it is what this tool writes and holds no input."""
+    if not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a directory; refusing to replace it")
+    if marker is None or not (output / marker).is_file():
+        raise FileExistsError(f"{output} is not an output of this tool (no {marker}); refusing to delete it with "
+                              f"--overwrite. Choose another --out or remove it yourself")
+    resolved = output.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise FileExistsError(f"{output} holds the input {item}; refusing to replace it")
+
 
 @contextmanager
-def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
+def _remove_on_sigterm(scratch: Path) -> Iterator[None]:
+    """SIGTERM becomes SystemExit while the block runs (main thread only), so the scratch
+    directory is removed by the normal cleanup path."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def atomic_output(output: Path, overwrite: bool = False, marker: str | None = None,
+                  inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a scratch sibling directory that replaces ``output`` only if the block succeeds.
 
-    On any exception the scratch directory is removed and ``output`` is left untouched.
+    On any exception (SIGTERM included) the scratch directory is removed and ``output`` is
+    left untouched. Raises ``FileExistsError`` before any work when ``output`` exists and
+    may not be replaced.
     """
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    output = Path(output)
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{existing} is not a directory: cannot create {output} under it")
+    if output.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+        check_replaceable(output, marker, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    remove_stale_scratch(output)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}{_SCRATCH_TAG}", dir=output.parent))
+    (scratch / _OWNER_FILE).write_text(str(os.getpid()))
     try:
-        yield scratch
-        scratch.chmod(0o755)  # mkdtemp creates it private
-        if output.exists():
-            shutil.rmtree(output)
-        scratch.rename(output)
+        with _remove_on_sigterm(scratch):
+            yield scratch
+            (scratch / _OWNER_FILE).unlink()
+            scratch.chmod(0o755)  # mkdtemp creates it private
+            if output.exists():
+                old = output.with_name(f".{output.name}{_SCRATCH_TAG}old-{os.getpid()}")
+                output.rename(old)  # two renames: the target is never half deleted
+                scratch.rename(output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                scratch.rename(output)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

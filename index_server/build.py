@@ -1,14 +1,29 @@
-"""Building a sharded Faiss index from a corpus.
+"""Building a sharded Faiss index from embeddings, out of core.
 
-Order of work: validate the whole corpus (a malformed line stops the build before anything
-is written), embed documents block by block into a memory-mapped scratch file, train the
-index type once on a sample (IVF, PQ), then fill S shards with contiguous id ranges. All
-output goes to a temporary sibling directory that replaces the target only when complete
-(``atomic_output``), so an interrupted or failed build never leaves a half index.
+``ttt-index build CORPUS...`` is ``embed`` (into the output's scratch directory) followed by
+``build --embeddings EMB``. The build never holds all vectors in RAM: it reads the
+memory-mapped embedding parts in blocks, trains the index type once on a random sample
+whose size follows from the factory string (IVF centroids, PQ codebooks), then fills S
+shards with contiguous id ranges, adding ``add_block`` vectors at a time. Options:
+
+* ``on_disk``: IVF inverted lists in an on-disk file per shard (Faiss
+  ``OnDiskInvertedLists``, merged from per-block indexes as in ``contrib/ondisk.py``), so a
+  server's resident memory is the coarse quantizer plus the list pages it touches, and the
+  build's peak memory is one block whatever the corpus size;
+* ``store_vectors`` (``--refine``): a float16 copy of every vector (``vectors.f16.npy``),
+  memory-mapped at search time to re-rank approximate candidates exactly.
+
+All output goes to a scratch sibling directory that replaces the target only when complete
+(``atomic_output``), and every file is hashed while it is written, so nothing is read twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,25 +32,34 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import atomic_output
-from .corpus import CorpusScan, CorpusStore, file_sha256, scan_corpus
-from .encoder import EncoderConfig, TextEncoder
-from .manifest import DOC_TABLE_NAME, Manifest, ShardInfo
+from .corpus import DOC_TABLE_DTYPE, CorpusFile, CorpusFormatError
+from .digest import file_fingerprint
+from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
+from .encoder import EncoderConfig
+from .manifest import DOC_TABLE_NAME, MANIFEST_NAME, FileInfo, Manifest, ShardInfo
 
-# Documents read from the store and embedded per step: large enough for length-sorted
-# batches, small enough that the block's texts stay a few MB.
-_EMBED_BLOCK = 1024
+VECTORS_NAME = "vectors.f16.npy"
+# Points per centroid / codeword to train on: Faiss warns below 39; 64 is a comfortable default.
+TRAIN_POINTS_PER_CENTROID = 64
+PQ_CENTROIDS = 256
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    corpus: tuple[Path, ...]
     output: Path
+    corpus: tuple[Path, ...] = ()  # embed these first ...
+    embeddings: Path | None = None  # ... or build from a finished `ttt-index embed` directory
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     factory: str = "Flat"
     metric: str = "l2"
     shards: int = 1
-    train_size: int = 100_000  # vectors sampled to train IVF / PQ
+    train_size: int | None = None  # vectors sampled to train IVF / PQ; default from the factory
     seed: int = 0
+    on_disk: bool = False
+    store_vectors: bool = False  # --refine
+    add_block: int = 1 << 16  # vectors read and added per step
+    num_parts: int | None = None  # embedding parts when embedding here (default: one per 256 MiB)
+    store_dtype: str = "float32"  # embedding parts' dtype when embedding here
     overwrite: bool = False
     device: str = "cpu"
     progress: bool = True
@@ -60,78 +84,258 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _min_training_points(index: faiss.Index) -> int:
+def min_training_points(factory: str, index: faiss.Index) -> int:
+    """The fewest training vectors the factory can be trained on (one per centroid/codeword)."""
+    if index.is_trained:
+        return 0
     ivf = faiss.try_extract_index_ivf(index)
-    return int(ivf.nlist) if ivf is not None else (256 if "PQ" in type(index).__name__ else 1)
+    needed = int(ivf.nlist) if ivf is not None else 1
+    if re.search(r"PQ\d", factory) or "OPQ" in factory:
+        needed = max(needed, PQ_CENTROIDS)
+    return needed
 
 
-def embed_corpus(store: CorpusStore, encoder: TextEncoder, out: np.ndarray, progress: bool) -> None:
-    with tqdm(total=len(store), desc="embed documents", unit="doc", disable=not progress) as bar:
-        for start in range(0, len(store), _EMBED_BLOCK):
-            end = min(start + _EMBED_BLOCK, len(store))
-            out[start:end] = encoder.encode([encoder.clip(t) for t in store.iter_texts(start, end)])
-            store.release_pages()
-            bar.update(end - start)
+def default_train_size(factory: str, index: faiss.Index) -> int:
+    """Training sample size from the factory: 64 points per IVF centroid and per PQ codeword."""
+    if index.is_trained:
+        return 0
+    return TRAIN_POINTS_PER_CENTROID * min_training_points(factory, index)
 
 
-def write_index(
-    scratch: Path, scan: CorpusScan, vectors: np.ndarray, encoder_identity: dict, config: BuildConfig
-) -> Manifest:
-    """Train (if the factory needs it) and write the shards, doc table and manifest into
-    ``scratch``. Split from ``build_index`` so vectors from elsewhere (benchmarks, an
-    external embedding job) go through the same shard layout."""
-    n, dim = vectors.shape
-    ranges = shard_ranges(n, config.shards)
+def check_factory(config: BuildConfig, dim: int, n: int) -> faiss.Index:
+    """Refuse a bad factory string, shard count or too small a corpus before any work."""
+    shard_ranges(n, config.shards)
     template = make_index(config.factory, dim, config.metric)
-    if not template.is_trained:
-        rng = np.random.default_rng(config.seed)
-        sample = np.sort(rng.choice(n, size=min(n, config.train_size), replace=False))
-        template.train(np.ascontiguousarray(vectors[sample]))
-    shards = []
-    for i, (start, end) in enumerate(tqdm(ranges, desc="write shards", disable=not config.progress)):
+    needed = min_training_points(config.factory, template)
+    if needed > n:
+        raise ValueError(f"index {config.factory!r} needs at least {needed} training vectors; corpus has {n}")
+    if config.on_disk and faiss.try_extract_index_ivf(template) is None:
+        raise ValueError(f"--on-disk needs an IVF index (e.g. IVF4096,PQ64), got {config.factory!r}")
+    return template
+
+
+class PartVectors:
+    """All embedding parts as one (n, dim) float32 row space, read block by block."""
+
+    def __init__(self, directory: Path, layout: EmbeddingsLayout, metas: list[PartMeta]):
+        self.parts = []
+        for meta in metas:
+            path = directory / f"{part_name(meta.index)}.npy"
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise CorpusFormatError([f"{path}: corrupt embedding part ({e}); delete it and its .json, then "
+                                         f"rerun `ttt-index embed` to redo it"]) from e
+            if array.shape != (meta.n_docs, layout.dim) or array.dtype != np.dtype(layout.dtype):
+                raise CorpusFormatError([f"{path}: holds {array.shape} {array.dtype}, expected ({meta.n_docs}, "
+                                         f"{layout.dim}) {layout.dtype} (a part of another run?)"])
+            self.parts.append(array)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.n, self.dim = int(self.starts[-1]), layout.dim
+
+    def rows(self, start: int, end: int) -> np.ndarray:
+        out = np.empty((end - start, self.dim), dtype=np.float32)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos = start
+        for p in range(first, len(self.parts)):
+            if pos >= end:
+                break
+            a = pos - int(self.starts[p])
+            b = min(len(self.parts[p]), end - int(self.starts[p]))
+            out[pos - start : pos - start + (b - a)] = self.parts[p][a:b]
+            pos += b - a
+        return out
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows at sorted ids (a training sample), reading part by part."""
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        which = np.searchsorted(self.starts, ids, side="right") - 1
+        for p in np.unique(which):
+            mask = which == p
+            out[mask] = self.parts[p][ids[mask] - self.starts[p]]
+        return out
+
+
+class _HashingWriter:
+    """A file writer that hashes what passes through (sha256 + the sampled fingerprint)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def __call__(self, data: bytes) -> int:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def close(self) -> FileInfo:
+        self.file.close()
+        # the fingerprint reads only the sampled 3 MiB back (page cache), not the file
+        return FileInfo(self.path.name, self.size, self.sha.hexdigest(), file_fingerprint(self.path))
+
+
+def _write_faiss(index: faiss.Index, path: Path) -> FileInfo:
+    writer = _HashingWriter(path)
+    faiss.write_index(index, faiss.PyCallbackIOWriter(writer))
+    return writer.close()
+
+
+def _save_npy(array: np.ndarray, path: Path) -> FileInfo:
+    writer = _HashingWriter(path)
+
+    class _Sink:
+        def write(self, data):
+            return writer(bytes(data))
+
+    np.save(_Sink(), array)
+    return writer.close()
+
+
+def load_parts(directory: Path) -> tuple[EmbeddingsLayout, list[PartMeta]]:
+    """The layout and every part's metadata, or an error naming the missing parts and the
+    command that makes them. Nothing is written before this succeeds."""
+    layout = EmbeddingsLayout.load(directory)
+    missing = missing_parts(directory, layout)
+    if missing:
+        listed = " ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(f"{directory}: {len(missing)} of {layout.num_parts} embedding parts are missing "
+                                f"({listed}); run `ttt-index embed ... --out {directory} --num-parts "
+                                f"{layout.num_parts} --part N` for each")
+    metas = []
+    for p in range(layout.num_parts):
+        path = directory / f"{part_name(p)}.json"
+        try:
+            metas.append(PartMeta(**json.loads(path.read_text())))
+        except (ValueError, TypeError) as e:
+            raise CorpusFormatError([f"{path}: corrupt part metadata ({e})"]) from e
+        if (metas[-1].index, metas[-1].start, metas[-1].end) != (p, layout.bounds[p], layout.bounds[p + 1]):
+            raise CorpusFormatError([f"{path}: belongs to another embedding layout"])
+    return layout, metas
+
+
+def corpus_files(layout: EmbeddingsLayout, metas: list[PartMeta]) -> list[CorpusFile]:
+    """Manifest entries of the corpus files from the parts' chunk hashes (no re-read)."""
+    files = []
+    for i, source in enumerate(layout.files):
+        chunks = [m.files[str(i)] for m in metas if str(i) in m.files]
+        digest = hashlib.sha256("".join(c["sha256"] for c in chunks).encode())
+        files.append(CorpusFile(source.path, source.size, digest.hexdigest(), source.fingerprint,
+                                tuple(c["hi"] for c in chunks)))
+    return files
+
+
+def doc_table(directory: Path, metas: list[PartMeta]) -> np.ndarray:
+    """The parts' tables in order, line numbers made absolute per file."""
+    tables, lines_before = [], {}
+    for meta in metas:
+        table = np.load(directory / f"{part_name(meta.index)}.docs.npy")
+        if table.dtype != DOC_TABLE_DTYPE or len(table) != meta.n_docs:
+            raise CorpusFormatError([f"{directory / part_name(meta.index)}.docs.npy: does not match its part"])
+        for key, info in meta.files.items():
+            f = int(key)
+            offset = lines_before.get(f, 0) + (0 if info["at_line_start"] else 1)
+            rows = table["file"] == f
+            table["line"][rows] += offset
+            lines_before[f] = lines_before.get(f, 0) + info["newlines"]
+        tables.append(table)
+    return np.concatenate(tables)
+
+
+def _add_blocks(index: faiss.Index, vectors: PartVectors, start: int, end: int, block: int) -> None:
+    for a in range(start, end, block):
+        index.add(vectors.rows(a, min(end, a + block)))
+
+
+def _write_shard(scratch: Path, template: faiss.Index, vectors: PartVectors, i: int, count: int,
+                 start: int, end: int, config: BuildConfig) -> ShardInfo:
+    name = f"shard-{i:05d}-of-{count:05d}"
+    if not config.on_disk:
         index = faiss.clone_index(template)
-        index.add(np.ascontiguousarray(vectors[start:end]))
-        name = f"shard-{i:05d}-of-{len(ranges):05d}.faiss"
-        faiss.write_index(index, str(scratch / name))
-        shards.append(ShardInfo(i, name, start, end, file_sha256(scratch / name)))
-    np.save(scratch / DOC_TABLE_NAME, scan.table)
+        _add_blocks(index, vectors, start, end, config.add_block)
+        return ShardInfo(i, _write_faiss(index, scratch / f"{name}.faiss"), start, end)
+    # Out of core: one small index per block, merged into on-disk lists (faiss contrib/ondisk.py).
+    from faiss.contrib.ondisk import merge_ondisk
+
+    with tempfile.TemporaryDirectory(dir=scratch) as blocks:
+        block_files = []
+        for a in range(start, end, config.add_block):
+            index = faiss.clone_index(template)
+            index.add(vectors.rows(a, min(end, a + config.add_block)))
+            block_files.append(str(Path(blocks) / f"block-{len(block_files):06d}.faiss"))
+            faiss.write_index(index, block_files[-1])
+            del index
+        merged = faiss.clone_index(template)
+        merge_ondisk(merged, block_files, str(scratch / f"{name}.ivfdata"))
+        info = _write_faiss(merged, scratch / f"{name}.faiss")
+        del merged
+    ivfdata = FileInfo.of(scratch, f"{name}.ivfdata")
+    return ShardInfo(i, info, start, end, ivfdata)
+
+
+def _write_vectors(scratch: Path, vectors: PartVectors, block: int) -> FileInfo:
+    path = scratch / VECTORS_NAME
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(vectors.n, vectors.dim))
+    for a in range(0, vectors.n, block):
+        out[a : a + block] = vectors.rows(a, min(vectors.n, a + block))
+    out.flush()
+    del out
+    return FileInfo.of(scratch, VECTORS_NAME)
+
+
+def write_index(scratch: Path, directory: Path, config: BuildConfig) -> Manifest:
+    """Train once, write the shards, the document table, optional stored vectors and the
+    manifest into ``scratch``, from the embeddings in ``directory``."""
+    layout, metas = load_parts(directory)
+    vectors = PartVectors(directory, layout, metas)
+    if vectors.n == 0:
+        raise CorpusFormatError([f"{directory}: no non-empty documents in the corpus"])
+    template = check_factory(config, vectors.dim, vectors.n)
+    table = doc_table(directory, metas)
+    if not template.is_trained:
+        size = min(vectors.n, config.train_size or default_train_size(config.factory, template))
+        ids = np.sort(np.random.default_rng(config.seed).choice(vectors.n, size=size, replace=False))
+        template.train(vectors.take(ids))
+    ranges = shard_ranges(vectors.n, config.shards)
+    shards = [
+        _write_shard(scratch, template, vectors, i, len(ranges), a, b, config)
+        for i, (a, b) in enumerate(tqdm(ranges, desc="write shards", disable=not config.progress))
+    ]
     manifest = Manifest(
-        encoder=encoder_identity,
-        dim=dim,
+        encoder=layout.encoder,
+        dim=vectors.dim,
         metric=config.metric,
         factory=config.factory,
-        n_vectors=n,
-        empty_documents=scan.empty_documents,
-        corpus=scan.files,
+        n_vectors=vectors.n,
+        empty_documents=sum(m.empty_documents for m in metas),
+        corpus_root=layout.corpus_root,
+        corpus=corpus_files(layout, metas),
+        doc_table=_save_npy(table, scratch / DOC_TABLE_NAME),
         shards=shards,
+        vectors=_write_vectors(scratch, vectors, config.add_block) if config.store_vectors else None,
+        layout={"on_disk": config.on_disk, "refine": config.store_vectors},
     )
     manifest.save(scratch)
     return manifest
 
 
-def check_factory(config: BuildConfig, dim: int, n: int) -> None:
-    """Refuse a bad factory string or too small a corpus before any work is done."""
-    shard_ranges(n, config.shards)
-    template = make_index(config.factory, dim, config.metric)
-    needed = _min_training_points(template) if not template.is_trained else 0
-    if needed > n:
-        raise ValueError(f"index {config.factory!r} needs at least {needed} training vectors; corpus has {n}")
-
-
 def build_index(config: BuildConfig) -> Manifest:
-    with atomic_output(Path(config.output), config.overwrite) as scratch:
-        scan = scan_corpus(config.corpus, progress=config.progress)
-        store = CorpusStore.from_scan(scan)
-        try:
-            encoder = TextEncoder(config.encoder, device=config.device)
-            check_factory(config, encoder.dim, len(store))
-            vectors = np.lib.format.open_memmap(
-                scratch / "vectors.npy", mode="w+", dtype=np.float32, shape=(len(store), encoder.dim)
-            )
-            embed_corpus(store, encoder, vectors, config.progress)
-            manifest = write_index(scratch, scan, vectors, config.encoder.identity(), config)
-            del vectors
-            (scratch / "vectors.npy").unlink()
-        finally:
-            store.close()
+    """``build CORPUS...`` (embed, then build) or ``build --embeddings EMB``."""
+    from .embed import EmbedConfig, run_embed
+
+    if bool(config.corpus) == bool(config.embeddings):
+        raise ValueError("give either corpus files or --embeddings, not both")
+    inputs = [*config.corpus, *([config.embeddings] if config.embeddings else [])]
+    with atomic_output(Path(config.output), config.overwrite, marker=MANIFEST_NAME, inputs=inputs) as scratch:
+        directory = config.embeddings
+        if directory is None:
+            directory = scratch / "embeddings"
+            run_embed(EmbedConfig(corpus=config.corpus, output=directory, encoder=config.encoder,
+                                  num_parts=config.num_parts, store_dtype=config.store_dtype, device=config.device,
+                                  progress=config.progress, precheck=lambda dim, n: check_factory(config, dim, n)))
+        manifest = write_index(scratch, Path(directory), config)
+        if config.embeddings is None:
+            shutil.rmtree(directory)
     return manifest
+

@@ -1,14 +1,42 @@
-"""``ttt-index``: write the default corpus, build, inspect and serve sharded indexes."""
+"""``ttt-index``: write the default corpus, embed, build, inspect and serve sharded indexes.
+
+Argument defaults come from the config dataclasses (``EncoderConfig``, ``EmbedConfig``,
+``BuildConfig``, ``ServerConfig``, ``IndexOptions``), never repeated here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from .encoder import DEFAULT_ENCODER, EncoderConfig
+from .build import BuildConfig
+from .embed import STORE_DTYPES, EmbedConfig
+from .encoder import EncoderConfig
+from .options import IndexOptions
+from .server import ServerConfig
 
 DEFAULT_WORK_DIR = Path("work")
+
+
+def defaults(cls) -> dict:
+    """Field defaults of a config dataclass (default factories called)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+ENCODER, EMBED, BUILD, SERVER, OPTIONS = (defaults(c) for c in (EncoderConfig, EmbedConfig, BuildConfig, ServerConfig,
+                                                                  IndexOptions))
+
+
+def _encoder(args: argparse.Namespace) -> EncoderConfig:
+    return EncoderConfig(args.encoder, args.max_tokens, args.batch_size)
 
 
 def _cmd_default_corpus(args: argparse.Namespace) -> None:
@@ -21,25 +49,30 @@ def _cmd_default_corpus(args: argparse.Namespace) -> None:
     print(f"written under {args.out}")
 
 
-def _cmd_build(args: argparse.Namespace) -> None:
-    from .build import BuildConfig, build_index
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from .embed import missing_parts, run_embed
 
-    manifest = build_index(
-        BuildConfig(
-            corpus=tuple(args.corpus),
-            output=args.out,
-            encoder=EncoderConfig(args.encoder, args.max_tokens, args.batch_size),
-            factory=args.factory,
-            metric=args.metric,
-            shards=args.shards,
-            train_size=args.train_size,
-            overwrite=args.overwrite,
-            device=args.device,
-            progress=not args.quiet,
-        )
-    )
+    layout = run_embed(EmbedConfig(corpus=tuple(args.corpus), output=args.out, encoder=_encoder(args),
+                                   num_parts=args.num_parts, parts=tuple(args.part or ()), store_dtype=args.store_dtype,
+                                   device=args.device, dtype=args.dtype, progress=not args.quiet))
+    missing = missing_parts(args.out, layout)
+    print(f"{layout.num_parts - len(missing)} of {layout.num_parts} parts embedded in {args.out}"
+          + (f"; still missing: {' '.join(map(str, missing[:20]))}" if missing else "; ready for "
+             f"`ttt-index build --embeddings {args.out}`"))
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from .build import build_index
+
+    manifest = build_index(BuildConfig(
+        output=args.out, corpus=tuple(args.corpus), embeddings=args.embeddings, encoder=_encoder(args),
+        factory=args.factory, metric=args.metric, shards=args.shards, train_size=args.train_size, on_disk=args.on_disk,
+        store_vectors=args.refine, num_parts=args.num_parts, store_dtype=args.store_dtype, overwrite=args.overwrite,
+        device=args.device, progress=not args.quiet,
+    ))
     print(f"index {manifest.identity}: {manifest.n_vectors} vectors x {manifest.dim} dims, "
           f"{len(manifest.shards)} shard(s) of {manifest.factory!r}, metric {manifest.metric}"
+          + (", on-disk lists" if args.on_disk else "") + (", stored vectors for exact re-ranking" if args.refine else "")
           + (f", {manifest.empty_documents} empty documents left out" if manifest.empty_documents else ""))
     print(f"written to {args.out}")
 
@@ -49,21 +82,80 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
     manifest = Manifest.load(args.index)
     if args.verify or args.full:
-        manifest.verify(args.index, full=args.full)
-        print("verified: corpus and shard files match the manifest", file=sys.stderr)
+        manifest.verify(args.index, full=args.full, corpus_root=args.corpus_root)
+        print("verified: corpus and index files match the manifest" + (" (full hashes)" if args.full else ""),
+              file=sys.stderr)
     print(manifest.to_json())
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServerConfig, serve_forever
+def _search_options(args: argparse.Namespace) -> IndexOptions:
+    return IndexOptions(nprobe=args.nprobe, ef_search=args.ef_search, refine_factor=args.refine_factor,
+                        corpus_root=args.corpus_root)
 
-    serve_forever(ServerConfig.from_args(args))
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    from .options import read_token_file
+
+    return ServerConfig(
+        index=args.index, shards=tuple(args.shards) if args.shards else None, host=args.host, port=args.port,
+        max_k=args.max_k, max_batch=args.max_batch, max_message_bytes=args.max_message_mb << 20, workers=args.workers,
+        token=read_token_file(args.token_file) if args.token_file else None, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, insecure=args.insecure, search=_search_options(args),
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve(_server_config(args))
 
 
 def _cmd_serve_all(args: argparse.Namespace) -> None:
     from .launcher import serve_all
 
-    serve_all(args)
+    args.shards, args.port = None, 0
+    _server_config(args)  # refuse bad settings here, before starting any child
+    passed = []
+    for flag in ("host", "max_k", "max_batch", "max_message_mb", "workers", "token_file", "tls_cert", "tls_key",
+                 "nprobe", "ef_search", "refine_factor", "corpus_root"):
+        value = getattr(args, flag)
+        if value is not None:
+            passed += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.insecure:
+        passed.append("--insecure")
+    serve_all(args.index, args.base_port, passed, max_restarts=args.max_restarts)
+
+
+def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", default=ENCODER["name_or_path"], help="HF encoder hub id or local path (default: %(default)s, bundled)")
+    p.add_argument("--max-tokens", type=int, default=ENCODER["max_tokens"], help="tokens of each document to embed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=ENCODER["batch_size"], help="documents per encoder batch (default: %(default)s)")
+    p.add_argument("--device", default=EMBED["device"], help="torch device of the encoder (default: %(default)s)")
+    p.add_argument("--num-parts", type=int, help="cut the corpus into this many byte-range parts (default: one per 256 MiB)")
+    p.add_argument("--store-dtype", choices=STORE_DTYPES, default=EMBED["store_dtype"], help="dtype of the stored embeddings (default: %(default)s)")
+
+
+def add_server_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
+    p.add_argument("index", type=Path, help="index directory written by `ttt-index build`")
+    if single:
+        p.add_argument("--shards", type=int, nargs="+", help="shard numbers to serve (default: all)")
+        p.add_argument("--port", type=int, default=SERVER["port"], help="port; 0 picks a free one (default: %(default)s)")
+    else:
+        p.add_argument("--base-port", type=int, default=50051, help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
+        p.add_argument("--max-restarts", type=int, default=5, help="restarts of a shard server that dies (default: %(default)s)")
+    p.add_argument("--host", default=SERVER["host"], help="bind address (default: %(default)s, loopback only; others need --token-file or --insecure)")
+    p.add_argument("--max-k", type=int, default=SERVER["max_k"], help="largest k accepted (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=SERVER["max_batch"], help="most query vectors per request (default: %(default)s)")
+    p.add_argument("--max-message-mb", type=int, default=SERVER["max_message_bytes"] >> 20, help="gRPC message size limit in MiB (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=SERVER["workers"], help="request handler threads (default: %(default)s)")
+    p.add_argument("--nprobe", type=int, default=OPTIONS["nprobe"], help="IVF lists probed per query")
+    p.add_argument("--ef-search", type=int, default=OPTIONS["ef_search"], help="HNSW efSearch")
+    p.add_argument("--refine-factor", type=int, default=OPTIONS["refine_factor"], help="--refine indexes: candidates per neighbour re-ranked exactly (default: %(default)s)")
+    p.add_argument("--corpus-root", type=Path, help="directory holding the corpus files, if they moved since the build")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send (must not be empty)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,30 +172,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_default_corpus)
 
-    p = sub.add_parser("build", help="embed a JSONL corpus and write S Faiss shards plus a manifest",
-                       description="Embed every document (first --max-tokens tokens, masked mean pooling) and write "
-                                   "--shards Faiss shards built from an index_factory string.")
+    p = sub.add_parser("embed", help="embed a JSONL corpus into resumable parts (parallel: --part, or RANK/WORLD_SIZE)",
+                       description="Cut the corpus into byte-range parts, validate and embed each (first --max-tokens "
+                                   "tokens, masked mean pooling) and write it atomically. Finished parts are skipped, so "
+                                   "a killed run resumes. --part I embeds only part I (a Slurm array); under torchrun / "
+                                   "accelerate launch each rank takes parts RANK, RANK+WORLD_SIZE, ...")
     p.add_argument("corpus", type=Path, nargs="+", help="Pile-format JSONL files ({\"text\": ..., \"meta\": ...} per line)")
+    p.add_argument("--out", type=Path, required=True, help="embeddings directory (shared by every job)")
+    p.add_argument("--part", type=int, nargs="+", help="embed only these parts")
+    p.add_argument("--dtype", default=EMBED["dtype"], help="encoder arithmetic, e.g. float16 on a GPU (default: %(default)s)")
+    add_encoder_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("build", help="build S Faiss shards plus a manifest, from a corpus or from embeddings",
+                       description="Embed every document (or read --embeddings), train the index once on a sample and "
+                                   "add vectors block by block into --shards shards built from an index_factory string.")
+    p.add_argument("corpus", type=Path, nargs="*", help="Pile-format JSONL files (or use --embeddings)")
+    p.add_argument("--embeddings", type=Path, help="directory written by `ttt-index embed` (all parts present)")
     p.add_argument("--out", type=Path, required=True, help="index directory to create")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="HF encoder hub id or local path (default: %(default)s, bundled)")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens of each document to embed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="documents per encoder batch (default: %(default)s)")
-    p.add_argument("--factory", default="Flat", help="faiss index_factory string, e.g. Flat, IVF256,PQ16, HNSW32 (default: %(default)s)")
-    p.add_argument("--metric", choices=("l2", "ip"), default="l2", help="distance (default: %(default)s)")
-    p.add_argument("--shards", type=int, default=1, help="number of shards, contiguous id ranges (default: %(default)s)")
-    p.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for the encoder (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    add_encoder_arguments(p)
+    p.add_argument("--factory", default=BUILD["factory"], help="faiss index_factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (default: %(default)s)")
+    p.add_argument("--metric", choices=("l2", "ip"), default=BUILD["metric"], help="distance (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=BUILD["shards"], help="number of shards, contiguous id ranges (default: %(default)s)")
+    p.add_argument("--train-size", type=int, default=BUILD["train_size"], help="vectors sampled to train IVF/PQ (default: 64 per centroid)")
+    p.add_argument("--on-disk", action="store_true", help="IVF inverted lists in an on-disk file per shard")
+    p.add_argument("--refine", action="store_true", help="store float16 vectors and re-rank candidates exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory (only one built by ttt-index)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("info", help="print an index manifest; --verify checks files against it")
     p.add_argument("index", type=Path)
-    p.add_argument("--verify", action="store_true", help="quick check: corpus sizes and head/tail hashes, shard files present")
-    p.add_argument("--full", action="store_true", help="re-hash every corpus and shard file")
+    p.add_argument("--verify", action="store_true", help="quick check: sizes and sampled hashes of every corpus and index file")
+    p.add_argument("--full", action="store_true", help="re-hash every corpus and index file")
+    p.add_argument("--corpus-root", type=Path, help="directory holding the corpus files, if they moved since the build")
     p.set_defaults(func=_cmd_info)
-
-    from .server import add_server_arguments
 
     p = sub.add_parser("serve", help="serve one or more shards of an index over gRPC",
                        description="Start a gRPC k-NN server for the given shards (default: all) of an index. "
@@ -112,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("serve-all", help="start one local server process per shard and print their addresses",
-                       description="Launch one `ttt-index serve` process per shard on consecutive ports, print the "
-                                   "grpc:// address list for --model_args index=..., and stop them all on Ctrl-C.")
-    add_server_arguments(p, single_shard=False)
+                       description="Launch one `ttt-index serve` process per shard, print the grpc:// address list for "
+                                   "--model_args index=..., restart a server that dies, stop them all on Ctrl-C.")
+    add_server_arguments(p, single=False)
     p.set_defaults(func=_cmd_serve_all)
     return parser
 
@@ -123,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"ttt-index: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,53 +1,41 @@
 """Fan-out gRPC client: one persistent channel per server, exact global top-k.
 
-``GrpcIndex`` has the same ``manifest`` / ``search`` / ``texts`` surface as the in-process
-``LocalIndex``. Every server's manifest identity is checked at connect time and its shard
-ranges must tile the index exactly. Queries go to all servers in parallel with a deadline,
-transient failures are retried with backoff, and a server that stays down either fails the
-call (``fail``, naming it) or is left out and recorded per query (``degrade``).
+``GrpcIndex`` has the in-process ``LocalIndex``'s surface (``manifest``, ``search``,
+``texts``, ``vectors``, ``close``), as faiss ``contrib/client_server.ClientIndex`` mirrors a
+local index; ``options.open_index`` builds either from one spec. Every server's manifest
+identity is checked and the live servers' shard ranges must tile the index. Queries go to
+all servers in parallel with a deadline. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
+are retried with backoff; a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) is not.
+
+Failure policy ``fail`` raises, naming the server. ``degrade`` answers from the live
+servers and reports the missing shards with every result (searches and text fetches
+alike); it starts even while some servers are down, and a server that just failed is
+skipped without waiting for retries until ``DEAD_COOLDOWN_S`` has passed, when one call
+probes it again (a server that comes back is checked before it is used).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import grpc
 import numpy as np
 
 from ._proto import knn_pb2, knn_pb2_grpc
 from .manifest import Manifest, ManifestMismatchError
-from .search import SearchResult, merge_topk
+from .options import IndexOptions
+from .search import SearchResult, check_queries, merge_topk
 from .server import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
 from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
 
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+DEAD_COOLDOWN_S = 5.0
 
 
 class ShardUnavailableError(RuntimeError):
     """A shard server could not answer; the message names it and says why."""
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    addresses: tuple[str, ...]
-    timeout_s: float = 30.0  # deadline of each call
-    retries: int = 2  # extra attempts on transient errors
-    backoff_s: float = 0.2  # first retry delay, doubled each time
-    failure_policy: Literal["fail", "degrade"] = "fail"
-    token: str | None = None
-    tls_ca: Path | None = None  # PEM root certificate: enables TLS
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    expected_identity: str | None = None
-
-    def __post_init__(self):
-        if self.failure_policy not in ("fail", "degrade"):
-            raise ValueError(f"failure_policy must be 'fail' or 'degrade', got {self.failure_policy!r}")
-        if not self.addresses:
-            raise ValueError("no server addresses given")
 
 
 def parse_addresses(spec: str) -> tuple[str, ...]:
@@ -57,6 +45,8 @@ def parse_addresses(spec: str) -> tuple[str, ...]:
     """
     body = spec.removeprefix("grpc://").replace("+", ",")
     addresses = tuple(a.strip().removeprefix("grpc://") for a in body.split(",") if a.strip())
+    if not addresses:
+        raise ValueError(f"no server addresses in {spec!r}")
     for a in addresses:
         host, _, port = a.rpartition(":")
         if not host or not port.isdigit():
@@ -65,23 +55,27 @@ def parse_addresses(spec: str) -> tuple[str, ...]:
 
 
 class _Server:
-    """One channel and stub plus the shard ranges the server reported."""
+    """One channel and stub, the shard ranges the server reported, and whether it is down."""
 
-    def __init__(self, address: str, config: ClientConfig):
+    def __init__(self, address: str, options: IndexOptions):
         self.address = address
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+        channel_options = [
+            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # Own connections per client: gRPC otherwise shares them process-wide, and a new
+            # client would inherit another's backoff from a server that has since come back.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
-        if config.tls_ca:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(config.tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(address, creds, options=options)
+        if options.tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(options.tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, creds, options=channel_options)
         else:
-            self.channel = grpc.insecure_channel(address, options=options)
+            self.channel = grpc.insecure_channel(address, options=channel_options)
         self.stub = knn_pb2_grpc.KnnShardStub(self.channel)
         self.info: knn_pb2.InfoResponse | None = None
+        self.dead_until = 0.0
 
     @property
     def label(self) -> str:
@@ -89,108 +83,194 @@ class _Server:
         return f"{self.address} (shards {shards})"
 
 
+def _describe(error: grpc.RpcError) -> str:
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return "UNAUTHENTICATED: the server refused the bearer token (check index_token_file / $TTT_NN_INDEX_TOKEN)"
+    return f"{error.code().name}: {error.details()}"
+
+
 def _unavailable(server: _Server, method: str, error: grpc.RpcError) -> ShardUnavailableError:
-    return ShardUnavailableError(f"shard server {server.label} failed {method}: {error.code().name}: {error.details()}")
+    return ShardUnavailableError(f"shard server {server.label} failed {method}: {_describe(error)}")
 
 
 class GrpcIndex:
-    def __init__(self, config: ClientConfig):
-        self.config = config
-        self._metadata = ((TOKEN_METADATA_KEY, f"Bearer {config.token}"),) if config.token else ()
-        self.servers = [_Server(a, config) for a in config.addresses]
+    def __init__(self, addresses: Sequence[str], options: IndexOptions = IndexOptions()):
+        self.options = options
+        token = options.token()
+        self._metadata = ((TOKEN_METADATA_KEY, f"Bearer {token}"),) if token else ()
+        self.servers = [_Server(a, options) for a in addresses]
+        errors = []
         for server in self.servers:
-            server.info = self._call(server, "Info", knn_pb2.InfoRequest())
-        self.manifest = self._check_servers()
+            try:
+                server.info = self._call(server, "Info", knn_pb2.InfoRequest())
+            except ShardUnavailableError as e:
+                if options.failure_policy == "fail":
+                    raise
+                errors.append(e)
+        live = [s for s in self.servers if s.info is not None]
+        if not live:
+            raise errors[0]
+        self.manifest = Manifest.from_json(live[0].info.manifest_json, source=live[0].address)
+        for server in live:
+            self._check_server(server)
+        self._check_coverage()
 
-    def _check_servers(self) -> Manifest:
-        first = self.servers[0]
-        manifest = Manifest.from_json(first.info.manifest_json, source=first.address)
-        expected = self.config.expected_identity or manifest.identity
-        for server in self.servers:
-            if server.info.index_identity != expected:
-                ours = Manifest.from_json(server.info.manifest_json, source=server.address)
-                raise ManifestMismatchError(
-                    f"shard server {server.label} belongs to index {server.info.index_identity} "
-                    f"(encoder {ours.encoder['name_or_path']}, {ours.n_vectors} vectors, corpus "
-                    f"{[c.sha256[:12] for c in ours.corpus]}), expected index {expected} (encoder "
-                    f"{manifest.encoder['name_or_path']}, {manifest.n_vectors} vectors, corpus "
-                    f"{[c.sha256[:12] for c in manifest.corpus]})"
-                )
-        served = sorted((s.index, s.start, s.end) for server in self.servers for s in server.info.shards)
-        wanted = sorted((s.index, s.start, s.end) for s in manifest.shards)
-        if served != wanted:
-            missing = sorted({w[0] for w in wanted} - {s[0] for s in served})
+    # -- connection state -----------------------------------------------------------------
+    def _check_server(self, server: _Server) -> None:
+        if server.info.index_identity != self.manifest.identity:
+            ours = Manifest.from_json(server.info.manifest_json, source=server.address)
             raise ManifestMismatchError(
-                f"servers {list(self.config.addresses)} do not cover the index exactly: missing shards {missing}, "
+                f"shard server {server.label} belongs to index {server.info.index_identity} "
+                f"(encoder {ours.encoder['name_or_path']}, {ours.n_vectors} vectors, corpus "
+                f"{[c.sha256[:12] for c in ours.corpus]}), expected index {self.manifest.identity} (encoder "
+                f"{self.manifest.encoder['name_or_path']}, {self.manifest.n_vectors} vectors, corpus "
+                f"{[c.sha256[:12] for c in self.manifest.corpus]})"
+            )
+
+    def _check_coverage(self) -> None:
+        served = sorted((s.index, s.start, s.end) for server in self.servers if server.info
+                        for s in server.info.shards)
+        wanted = sorted((s.index, s.start, s.end) for s in self.manifest.shards)
+        if len(served) != len(set(served)) or not set(served) <= set(wanted):
+            raise ManifestMismatchError(f"servers {[s.address for s in self.servers]} serve overlapping or unknown "
+                                        f"shards {[s[0] for s in served]}")
+        missing = sorted({w[0] for w in wanted} - {s[0] for s in served})
+        if missing and not (self.options.failure_policy == "degrade" and any(s.info is None for s in self.servers)):
+            raise ManifestMismatchError(
+                f"servers {[s.address for s in self.servers]} do not cover the index exactly: missing shards {missing}, "
                 f"served {[s[0] for s in served]}"
             )
-        return manifest
 
-    def _call(self, server: _Server, method: str, request):
+    def _missing_shards(self, failed: Sequence[int]) -> list[int]:
+        """Shards not answered: those of failed servers, plus those no live server holds."""
+        served = {s.index for i, server in enumerate(self.servers) if server.info and i not in failed
+                  for s in server.info.shards}
+        return sorted({s.index for s in self.manifest.shards} - served)
+
+    def _usable(self, server: _Server) -> bool:
+        """False for a server that failed within the cooldown (degrade mode: skip it now)."""
+        if self.options.failure_policy == "fail" or server.dead_until <= time.monotonic():
+            return True
+        return False
+
+    def _mark(self, server: _Server, ok: bool) -> None:
+        server.dead_until = 0.0 if ok else time.monotonic() + DEAD_COOLDOWN_S
+
+    # -- calls ----------------------------------------------------------------------------
+    def _call(self, server: _Server, method: str, request, retries: int | None = None):
         """Unary call with deadline and retries; raises ShardUnavailableError naming the server."""
-        delay = self.config.backoff_s
-        for attempt in range(self.config.retries + 1):
+        delay = self.options.backoff_s
+        retries = self.options.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
-                return getattr(server.stub, method)(request, timeout=self.config.timeout_s, metadata=self._metadata)
+                return getattr(server.stub, method)(request, timeout=self.options.timeout_s, metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() in _TRANSIENT and attempt < self.config.retries:
+                if e.code() in _TRANSIENT and attempt < retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
                 raise _unavailable(server, method, e) from e
 
+    def _revive(self, server: _Server) -> bool:
+        """A server that was down at connect time: fetch and check its Info before use."""
+        if server.info is not None:
+            return True
+        try:
+            server.info = self._call(server, "Info", knn_pb2.InfoRequest(), retries=0)
+        except ShardUnavailableError:
+            self._mark(server, False)
+            return False
+        self._check_server(server)
+        self._check_coverage()
+        return True
+
     def _fan_out(self, method: str, requests: dict[int, object]) -> tuple[dict[int, object], dict[int, Exception]]:
-        """Send requests[i] to servers[i] concurrently (gRPC futures), retrying transient errors."""
-        answers, errors = {}, {}
-        pending = {
-            i: getattr(self.servers[i].stub, method).future(r, timeout=self.config.timeout_s, metadata=self._metadata)
-            for i, r in requests.items()
-        }
+        """Send requests[i] to servers[i] concurrently (gRPC futures), retrying transient errors
+        once per server; servers known to be down (degrade mode) fail at once."""
+        answers, errors, pending = {}, {}, {}
+        for i, request in requests.items():
+            server = self.servers[i]
+            if not self._usable(server) or not self._revive(server):
+                errors[i] = ShardUnavailableError(f"shard server {server.label} is down (failed within the last "
+                                                  f"{DEAD_COOLDOWN_S:.0f} s)")
+                continue
+            pending[i] = getattr(server.stub, method).future(request, timeout=self.options.timeout_s,
+                                                              metadata=self._metadata)
         for i, future in pending.items():
+            server = self.servers[i]
             try:
                 answers[i] = future.result()
             except grpc.RpcError as e:
-                if e.code() in _TRANSIENT and self.config.retries:
-                    try:
-                        answers[i] = self._call(self.servers[i], method, requests[i])
-                    except ShardUnavailableError as retry_error:
-                        errors[i] = retry_error
-                else:
-                    errors[i] = _unavailable(self.servers[i], method, e)
+                retry = e.code() in _TRANSIENT and self.options.retries
+                try:
+                    if not retry:
+                        raise _unavailable(server, method, e) from e
+                    answers[i] = self._call(server, method, requests[i], retries=self.options.retries - 1)
+                except ShardUnavailableError as final:
+                    errors[i] = final
+            self._mark(server, i in answers)
+        if errors and (self.options.failure_policy == "fail" or not answers):
+            raise next(iter(errors.values()))
         return answers, errors
 
+    # -- the index surface ----------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        queries = check_queries(queries, k, self.manifest.dim, self.options.max_k)
         request = knn_pb2.SearchRequest(
             k=k, dim=queries.shape[1], vectors=pack(queries, VECTOR_DTYPE), index_identity=self.manifest.identity
         )
         answers, errors = self._fan_out("Search", {i: request for i in range(len(self.servers))})
-        if errors and (self.config.failure_policy == "fail" or not answers):
-            raise next(iter(errors.values()))
-        parts = [
-            (unpack(a.distances, VECTOR_DTYPE, a.k), unpack(a.ids, ID_DTYPE, a.k)) for a in answers.values()
-        ]
+        parts = [(unpack(a.distances, VECTOR_DTYPE, a.k), unpack(a.ids, ID_DTYPE, a.k)) for a in answers.values()]
         distances, ids = merge_topk(parts, k, self.manifest.metric)
-        missing = sorted(s.index for i in errors for s in self.servers[i].info.shards)
+        missing = self._missing_shards(list(errors))
         return SearchResult(ids=ids, distances=distances, missing_shards=[list(missing) for _ in range(len(ids))])
 
-    def texts(self, ids: Sequence[int]) -> list[str]:
-        """Texts for ids, each fetched from the server that owns it, in the given order."""
-        owner_of = {}
-        for server_idx, server in enumerate(self.servers):
-            for s in server.info.shards:
-                owner_of[s.index] = server_idx
-        by_server: dict[int, list[int]] = {}
+    def _by_owner(self, ids: Sequence[int]) -> dict[int, list[int]]:
+        """Ids grouped by the server owning them; ids whose shard no known server holds go to -1."""
+        owner_of = {s.index: i for i, server in enumerate(self.servers) if server.info for s in server.info.shards}
+        groups: dict[int, list[int]] = {}
         for doc_id in ids:
-            by_server.setdefault(owner_of[self.manifest.shard_of(int(doc_id)).index], []).append(int(doc_id))
-        answers, errors = self._fan_out(
-            "FetchTexts",
-            {i: knn_pb2.FetchTextsRequest(ids=group, index_identity=self.manifest.identity) for i, group in by_server.items()},
-        )
-        if errors:
-            raise next(iter(errors.values()))
-        found = {doc_id: text for i, group in by_server.items() for doc_id, text in zip(group, answers[i].texts)}
-        return [found[int(doc_id)] for doc_id in ids]
+            shard = self.manifest.shard_of(int(doc_id)).index
+            groups.setdefault(owner_of.get(shard, -1), []).append(int(doc_id))
+        return groups
+
+    def _fetch(self, method: str, ids: Sequence[int], make, unpack_answer) -> dict[int, object]:
+        groups = self._by_owner(ids)
+        unknown = groups.pop(-1, [])
+        if unknown and self.options.failure_policy == "fail":
+            raise ShardUnavailableError(f"no live server holds ids {unknown[:10]}")
+        answers, _ = self._fan_out(method, {i: make(group) for i, group in groups.items()}) if groups else ({}, {})
+        found = {}
+        for i, answer in answers.items():
+            found.update(zip(groups[i], unpack_answer(answer, len(groups[i]))))
+        return found
+
+    def texts(self, ids: Sequence[int]) -> list[str | None]:
+        """Texts for ids in the given order, each from the server that owns it; in degrade
+        mode None for ids whose shard is down."""
+        found = self._fetch(
+            "FetchTexts", ids, lambda group: knn_pb2.FetchTextsRequest(ids=group, index_identity=self.manifest.identity),
+            lambda answer, n: list(answer.texts))
+        return [found.get(int(doc_id)) for doc_id in ids]
+
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray | None, str]:
+        """Vectors of ids (float32) and their source ("stored-f16", "exact"), or (None, "none")
+        when a shard keeps only lossy codes or is down."""
+        sources = set()
+
+        def unpack_answer(answer, n):
+            sources.add(answer.source)
+            if answer.source == "none":
+                return [None] * n
+            return list(unpack(answer.vectors, VECTOR_DTYPE, answer.dim))
+
+        found = self._fetch(
+            "FetchVectors", ids,
+            lambda group: knn_pb2.FetchVectorsRequest(ids=group, index_identity=self.manifest.identity), unpack_answer)
+        rows = [found.get(int(doc_id)) for doc_id in ids]
+        if "none" in sources or any(r is None for r in rows):
+            return None, "none"
+        return np.stack(rows).astype(np.float32), "stored-f16" if "stored-f16" in sources else "exact"
 
     def close(self) -> None:
         for server in self.servers:

@@ -1,33 +1,42 @@
 """Pile-format JSONL corpus store: documents addressed by integer id, read lazily.
 
 A corpus is one or more JSONL files, one document per line: ``{"text": ..., "meta": {...}}``.
-The store never holds the texts in memory: a scan validates every line once and records a
-table of ``(file, line, byte offset, byte length)`` per document; texts are then read by
-slicing memory-mapped files. The reference code loaded a 43 GB JSONL per shard into a
-Python dict; this keeps memory at ~28 bytes per document.
+The store never holds the texts in memory: the embedding step (``embed.scan_part``)
+validates every line once with ``check_line`` and records a table of ``(file, line, byte
+offset, byte length)`` per document; texts are then read with ``os.pread`` at those offsets. The reference code loaded a 43 GB JSONL per shard into a
+Python dict; this keeps memory at 28 bytes per document.
+
+Why ``pread`` and not a memory map: a mapped file that is truncated or rewritten while a
+server reads it kills the process with SIGBUS. Each read here first compares the file's
+size and modification time with those seen when it was opened (one ``fstat``), so a corpus
+edited in place becomes a ``CorpusChangedError`` naming the file.
 
 Ids are the positions of *non-empty* documents in file order, so id ``i`` is row ``i`` of the
 table and vector ``i`` of the index. Documents whose text is empty or whitespace-only cannot be
-embedded meaningfully; they are counted (``CorpusScan.empty_documents``) and left out.
+embedded meaningfully; they are counted (``empty_documents`` in the manifest) and left out.
+
+Paths: a manifest records each file relative to the corpus root (the files' common parent
+at build time), so an index and its corpus can move to another machine or mount point
+together; ``corpus_root`` remaps them and the checksums still decide.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
-from array import array
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .digest import chunked_sha256, file_fingerprint
+
 DOC_TABLE_DTYPE = np.dtype(
     [("file", "<u4"), ("line", "<u8"), ("offset", "<u8"), ("length", "<u8")]
 )
-_FINGERPRINT_SPAN = 1 << 20  # bytes hashed at each end of a file for the quick check
-_MAX_REPORTED_ERRORS = 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class CorpusFormatError(ValueError):
@@ -41,35 +50,47 @@ class CorpusFormatError(ValueError):
         )
 
 
+class CorpusChangedError(RuntimeError):
+    """The corpus on disk no longer matches the manifest of the index built from it."""
+
+
 @dataclass(frozen=True)
 class CorpusFile:
-    """Identity of one corpus file as recorded in an index manifest."""
+    """Identity of one corpus file as recorded in an index manifest.
+
+    ``path`` is relative to the corpus root. ``sha256`` is the sha256 of the hex sha256s of
+    the file's chunks, which end at the byte offsets ``chunks`` (the embedding parts it was
+    read in), so it is computed during the one read that embeds the corpus."""
 
     path: str
     size: int
     sha256: str
     fingerprint: str
+    chunks: tuple[int, ...]
 
-    def check(self, full: bool = False) -> None:
+    def __post_init__(self):
+        object.__setattr__(self, "chunks", tuple(self.chunks))
+
+    def resolve(self, root: Path | None) -> Path:
+        return Path(self.path) if root is None else Path(root) / self.path
+
+    def check(self, root: Path | None, full: bool = False) -> None:
         """Raise ``CorpusChangedError`` if the file on disk is not the one that was indexed.
 
-        The quick check (size + hash of the first and last MiB) runs before every search
+        The quick check (size + hash of the first, middle and last MiB) runs before every search
         session; ``full=True`` re-hashes the whole file.
         """
-        path = Path(self.path)
+        path = self.resolve(root)
         if not path.is_file():
-            raise CorpusChangedError(f"{path}: corpus file is missing")
+            raise CorpusChangedError(f"{path}: corpus file is missing (moved? pass --corpus-root / corpus_root= "
+                                     f"with the directory that holds {self.path})")
         size = path.stat().st_size
         if size != self.size:
             raise CorpusChangedError(f"{path}: size {size} != {self.size} recorded at build time")
         if file_fingerprint(path) != self.fingerprint:
             raise CorpusChangedError(f"{path}: contents changed since the index was built")
-        if full and file_sha256(path) != self.sha256:
+        if full and chunked_sha256(path, self.chunks) != self.sha256:
             raise CorpusChangedError(f"{path}: sha256 differs from the one recorded at build time")
-
-
-class CorpusChangedError(RuntimeError):
-    """The corpus on disk no longer matches the manifest of the index built from it."""
 
 
 @dataclass(frozen=True)
@@ -81,27 +102,7 @@ class Document:
     line: int
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_fingerprint(path: Path) -> str:
-    """Hash of size, first MiB and last MiB: cheap enough to check on every open."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(_FINGERPRINT_SPAN))
-        if size > _FINGERPRINT_SPAN:
-            f.seek(max(_FINGERPRINT_SPAN, size - _FINGERPRINT_SPAN))
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
-def _check_line(raw: bytes) -> tuple[str | None, bool]:
+def check_line(raw: bytes) -> tuple[str | None, bool]:
     """Validate one JSONL line. Returns (problem or None, is_empty_document)."""
     try:
         line = raw.decode("utf-8")
@@ -115,116 +116,118 @@ def _check_line(raw: bytes) -> tuple[str | None, bool]:
         return f"expected a JSON object, got {type(record).__name__}", False
     if "text" not in record:
         return 'missing "text" field', False
-    if not isinstance(record["text"], str):
-        return f'"text" must be a string, got {type(record["text"]).__name__}', False
+    text = record["text"]
+    if not isinstance(text, str):
+        return f'"text" must be a string, got {type(text).__name__}', False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape such as "\ud800": valid JSON, not encodable text
+        return (f'"text" holds a lone surrogate {text[e.start]!r} at character {e.start} '
+                f"(not encodable as UTF-8; no tokenizer can read it)"), False
     if "meta" in record and not isinstance(record["meta"], (dict, type(None))):
         return '"meta" must be an object', False
-    return None, not record["text"].strip()
+    return None, not text.strip()
 
 
-@dataclass
-class CorpusScan:
-    """Result of validating corpus files: the document table plus what was left out."""
+def refuse_compressed(path: Path) -> None:
+    """Compressed corpora cannot be read at byte offsets: say so before any work, with the
+    command that fixes it (the Pile ships as .jsonl.zst)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_ZSTD_MAGIC) or path.suffix == ".zst":
+        raise CorpusFormatError([f"{path}: zstd-compressed; documents are read at byte offsets, so decompress "
+                                 f"it first: zstd -d {path} -o {path.with_suffix('')}"])
+    if head.startswith(_GZIP_MAGIC) or path.suffix == ".gz":
+        raise CorpusFormatError([f"{path}: gzip-compressed; decompress it first: gunzip -k {path}"])
 
-    files: list[CorpusFile]
-    table: np.ndarray
-    empty_documents: int
+
+def corpus_root_of(paths: Sequence[Path]) -> Path:
+    """The directory the manifest's relative paths start from: the files' common parent."""
+    return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
 
 
-def scan_corpus(paths: Sequence[Path | str], progress: bool = True) -> CorpusScan:
-    """Validate every line of every file and build the document table.
+class _OpenFile:
+    """A corpus file opened for ``pread``, with the identity it had when opened."""
 
-    Raises ``CorpusFormatError`` listing (up to 20) malformed lines with file and line
-    number; raises before anything is written, so a failed build leaves no partial output.
-    """
-    from tqdm.auto import tqdm
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.identity = (st.st_size, st.st_mtime_ns, st.st_ino)
 
-    if not paths:
-        raise ValueError("no corpus files given")
-    problems: list[str] = []
-    files: list[CorpusFile] = []
-    # One compact column per field (8 bytes a value), not a Python tuple per document.
-    columns = {name: array("Q") for name in DOC_TABLE_DTYPE.names}
-    empty = 0
-    total = sum(Path(p).stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="scan corpus", disable=not progress) as bar:
-        for file_idx, path in enumerate(map(Path, paths)):
-            path = path.resolve()
-            size = path.stat().st_size
-            if size == 0:
-                problems.append(f"{path}:1: file is empty (expected one JSON document per line)")
-                continue
-            digest = hashlib.sha256()
-            offset = 0
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, start=1):
-                    digest.update(raw)
-                    bar.update(len(raw))
-                    body = raw.rstrip(b"\r\n")
-                    if body.strip():
-                        problem, is_empty = _check_line(body)
-                        if problem:
-                            problems.append(f"{path}:{line_no}: {problem}")
-                            if len(problems) >= _MAX_REPORTED_ERRORS:
-                                raise CorpusFormatError(problems, truncated=True)
-                        elif is_empty:
-                            empty += 1
-                        else:
-                            for name, value in zip(DOC_TABLE_DTYPE.names, (file_idx, line_no, offset, len(body))):
-                                columns[name].append(value)
-                    offset += len(raw)
-            files.append(CorpusFile(str(path), size, digest.hexdigest(), file_fingerprint(path)))
-    if problems:
-        raise CorpusFormatError(problems)
-    if not columns["line"]:
-        raise CorpusFormatError([f"{paths[0]}: no non-empty documents in the corpus"])
-    table = np.empty(len(columns["line"]), dtype=DOC_TABLE_DTYPE)
-    for name, values in columns.items():
-        table[name] = np.frombuffer(values, dtype=np.uint64)
-    return CorpusScan(files, table, empty)
+    def read(self, offset: int, length: int) -> bytes:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self.identity or offset + length > st.st_size:
+            raise CorpusChangedError(f"{self.path}: corpus file changed while the index was being served "
+                                     f"(size {self.identity[0]} -> {st.st_size}); restart on the indexed corpus")
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorpusChangedError(f"{self.path}: short read at byte {offset} (file truncated?)")
+        return data
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class CorpusStore:
-    """Random access to document texts through byte offsets into memory-mapped JSONL."""
+    """Random access to document texts through byte offsets into JSONL files."""
 
-    def __init__(self, files: Sequence[CorpusFile], table: np.ndarray):
+    def __init__(self, files: Sequence[CorpusFile], table: np.ndarray, root: Path | None):
         self.files = list(files)
         self.table = table
-        self._maps: dict[int, mmap.mmap] = {}
-
-    @classmethod
-    def from_scan(cls, scan: CorpusScan) -> CorpusStore:
-        return cls(scan.files, scan.table)
+        self.root = root
+        self._open: dict[int, _OpenFile] = {}
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def path(self, file_idx: int) -> Path:
+        return self.files[file_idx].resolve(self.root)
+
+    def byte_length(self, doc_ids: Sequence[int]) -> int:
+        """Bytes the given documents occupy on disk, known without reading them."""
+        ids = np.asarray(doc_ids, dtype=np.int64)
+        self._check_ids(ids)
+        return int(self.table["length"][ids].sum())
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        bad = ids[(ids < 0) | (ids >= len(self.table))]
+        if len(bad):
+            raise IndexError(f"document id {int(bad[0])} out of range [0, {len(self.table)})")
+
     def _raw(self, doc_id: int) -> bytes:
-        if not 0 <= doc_id < len(self.table):
-            raise IndexError(f"document id {doc_id} out of range [0, {len(self.table)})")
+        self._check_ids(np.asarray([doc_id]))
         row = self.table[doc_id]
         file_idx = int(row["file"])
-        mapped = self._maps.get(file_idx)
-        if mapped is None:
-            with open(self.files[file_idx].path, "rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[file_idx] = mapped
-        start = int(row["offset"])
-        return mapped[start : start + int(row["length"])]
+        handle = self._open.get(file_idx)
+        if handle is None:
+            handle = self._open[file_idx] = _OpenFile(self.path(file_idx))
+        return handle.read(int(row["offset"]), int(row["length"]))
+
+    def _record(self, doc_id: int) -> dict:
+        raw = self._raw(doc_id)
+        try:
+            record = json.loads(raw)
+            record["text"]  # noqa: B018  (validated at build time: its absence means the file changed)
+        except (ValueError, KeyError, TypeError) as e:
+            row = self.table[doc_id]
+            raise CorpusChangedError(f"{self.path(int(row['file']))}:{int(row['line'])}: no longer the document that "
+                                     f"was indexed ({e}); the corpus changed since the build") from e
+        return record
 
     def document(self, doc_id: int) -> Document:
-        record = json.loads(self._raw(doc_id))
+        record = self._record(doc_id)
         row = self.table[doc_id]
         return Document(
             doc_id=doc_id,
             text=record["text"],
             meta=record.get("meta") or {},
-            path=self.files[int(row["file"])].path,
+            path=str(self.path(int(row["file"]))),
             line=int(row["line"]),
         )
 
     def text(self, doc_id: int) -> str:
-        return json.loads(self._raw(doc_id))["text"]
+        return self._record(doc_id)["text"]
 
     def texts(self, doc_ids: Sequence[int]) -> list[str]:
         return [self.text(int(i)) for i in doc_ids]
@@ -233,14 +236,7 @@ class CorpusStore:
         for doc_id in range(start, len(self) if end is None else end):
             yield self.text(doc_id)
 
-    def release_pages(self) -> None:
-        """Drop the mapped pages from this process's resident set (they stay in the page
-        cache). A sequential pass over a large corpus calls this between blocks so the RSS
-        stays flat instead of growing with every page read."""
-        for mapped in self._maps.values():
-            mapped.madvise(mmap.MADV_DONTNEED)
-
     def close(self) -> None:
-        for mapped in self._maps.values():
-            mapped.close()
-        self._maps.clear()
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()

@@ -56,8 +56,15 @@ class EncoderConfig:
         return asdict(self)
 
 
+def encoder_dim(config: EncoderConfig) -> int:
+    """The embedding width, read from the encoder's config without loading its weights."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_pretrained(config.name_or_path)).hidden_size)
+
+
 class TextEncoder:
-    def __init__(self, config: EncoderConfig = EncoderConfig(), device: str = "cpu"):
+    def __init__(self, config: EncoderConfig = EncoderConfig(), device: str = "cpu", dtype: str = "float32"):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -65,7 +72,7 @@ class TextEncoder:
         self._torch = torch
         path = resolve_pretrained(config.name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.model = AutoModel.from_pretrained(path).to(device=device, dtype=getattr(torch, dtype)).eval()
         self.device = device
         self.dim = int(self.model.config.hidden_size)
 

@@ -1,50 +1,67 @@
 """``ttt-index serve-all``: one local server process per shard, for single-machine runs.
 
+A shard server that dies is restarted on the same port (up to ``max_restarts`` times, with
+a growing pause) while the others keep serving, so ``failure_policy=degrade`` clients see
+one shard missing for a moment, not the whole index. Stopping ``serve-all`` (SIGTERM,
+SIGINT) stops every child; if ``serve-all`` itself is killed, the kernel sends its children
+SIGTERM (``PR_SET_PDEATHSIG``), so no orphaned server keeps a port.
+
 On a cluster, run ``ttt-index serve INDEX --shards i --host 0.0.0.0 --port P`` on each
 machine instead; this launcher is the laptop version of that layout.
 """
 
 from __future__ import annotations
 
-import argparse
+import ctypes
 import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from .manifest import Manifest
 
-
-def server_command(args: argparse.Namespace, shard: int, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "index_server.cli", "serve", str(args.index), "--shards", str(shard),
-           "--port", str(port), "--host", args.host, "--max-k", str(args.max_k), "--max-batch", str(args.max_batch),
-           "--max-message-mb", str(args.max_message_mb), "--workers", str(args.workers)]
-    for flag, value in (("--nprobe", args.nprobe), ("--ef-search", args.ef_search), ("--token-file", args.token_file),
-                        ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    return cmd
+_PR_SET_PDEATHSIG = 1
 
 
-def serve_all(args: argparse.Namespace) -> None:
-    manifest = Manifest.load(args.index)
-    manifest.verify(args.index)
-    processes = [
-        subprocess.Popen(server_command(args, shard.index, args.base_port and args.base_port + shard.index),
-                         stdout=subprocess.PIPE, text=True)
-        for shard in manifest.shards
-    ]
-    addresses = []
-    for shard, process in zip(manifest.shards, processes):
-        line = process.stdout.readline()  # the server's "serving ... on host:port" line
-        if not line.startswith("serving"):
-            for p in processes:
-                p.terminate()
-            raise RuntimeError(f"shard {shard.index} server exited before serving (exit code {process.wait()})")
-        addresses.append(line.rsplit(" ", 1)[-1].strip())
-        print(line.strip(), flush=True)
-    print("index=grpc://" + "+".join(addresses), flush=True)  # ready for --model_args
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: children may outlive a killed launcher
 
+
+@dataclass
+class _Child:
+    shard: int
+    port: int
+    process: subprocess.Popen | None = None
+    address: str = ""
+    restarts: int = 0
+    given_up: bool = False
+
+
+def _start(index: Path, child: _Child, server_args: list[str]) -> str:
+    """Start one shard server and return its 'serving ... on host:port' line."""
+    cmd = [sys.executable, "-m", "index_server.cli", "serve", str(index), "--shards", str(child.shard),
+           "--port", str(child.port), *server_args]
+    child.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+    line = child.process.stdout.readline()
+    if not line.startswith("serving"):
+        code = child.process.wait()
+        raise RuntimeError(f"shard {child.shard} server exited before serving (exit code {code}); its error is above")
+    child.address = line.rsplit(" ", 1)[-1].strip()
+    child.port = int(child.address.rsplit(":", 1)[1])
+    return line.strip()
+
+
+def serve_all(index: Path, base_port: int, server_args: list[str], max_restarts: int = 5,
+              poll_s: float = 0.5) -> None:
+    manifest = Manifest.load(index)
+    manifest.verify(index)
+    children = [_Child(s.index, base_port + s.index if base_port else 0) for s in manifest.shards]
     stopped = threading.Event()
 
     def stop(signum, frame):
@@ -52,13 +69,34 @@ def serve_all(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while not stopped.wait(1.0):
-        dead = [(s.index, p.returncode) for s, p in zip(manifest.shards, processes) if p.poll() is not None]
-        if dead:
-            print(f"shard server(s) exited: {dead}; stopping the others", file=sys.stderr, flush=True)
-            break
-    for p in processes:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in processes:
-        p.wait()
+    try:
+        for child in children:
+            print(_start(index, child, server_args), flush=True)
+        print("index=grpc://" + "+".join(c.address for c in children), flush=True)  # ready for --model_args
+        while not stopped.wait(poll_s):
+            for child in children:
+                code = child.process.poll()
+                if code is None or child.given_up:
+                    continue
+                if child.restarts >= max_restarts:
+                    child.given_up = True
+                    print(f"shard {child.shard} server keeps exiting (code {code}); leaving it down, the other shards "
+                          f"keep serving. Restart it by hand: ttt-index serve {index} --shards {child.shard} "
+                          f"--port {child.port}", file=sys.stderr, flush=True)
+                    continue
+                child.restarts += 1
+                pause = min(30.0, 0.5 * 2 ** (child.restarts - 1))
+                print(f"shard {child.shard} server exited with code {code}; restarting on port {child.port} in "
+                      f"{pause:.1f} s ({child.restarts}/{max_restarts})", file=sys.stderr, flush=True)
+                time.sleep(pause)
+                try:
+                    print(_start(index, child, server_args), flush=True)
+                except RuntimeError as e:
+                    print(str(e), file=sys.stderr, flush=True)
+    finally:
+        for child in children:
+            if child.process and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.process:
+                child.process.wait()

@@ -1,9 +1,16 @@
 """The index manifest: what an index was built from, and the checks run before searching.
 
-An index directory holds ``manifest.json``, ``docs.npy`` (the corpus document table) and one
-Faiss file per shard. The manifest's ``identity`` is a hash over everything that decides
-search results (encoder, dims, metric, factory, corpus checksums, shard ranges), so a shard
-server and a client can tell in one comparison whether they belong to the same index.
+An index directory holds ``manifest.json``, ``docs.npy`` (the corpus document table), one
+Faiss file per shard, and optionally more files a layout needs (``vectors.f16.npy`` for
+exact re-ranking, ``*.ivfdata`` for on-disk inverted lists). Every one of them is listed
+with its size, sha256 and sampled fingerprint, so a truncated, swapped or copied-over file
+is caught by the quick check on open, and ``--full`` re-hashes everything.
+
+The manifest's ``identity`` is a hash over everything that decides search results (encoder,
+dims, metric, factory, corpus checksums, shard ranges, file checksums), so a shard server and
+a client can tell in one comparison whether they belong to the same index. Corpus paths are
+relative to ``corpus_root`` (recorded at build time, remappable on open), so the identity of
+an index does not change when it moves.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .corpus import CorpusFile, file_sha256
+from .corpus import CorpusChangedError, CorpusFile
+from .digest import file_digests, file_fingerprint, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 DOC_TABLE_NAME = "docs.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METRICS = ("l2", "ip")
 
 
@@ -26,16 +34,47 @@ class ManifestMismatchError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class FileInfo:
+    """An index file and its checksums."""
+
+    file: str
+    size: int
+    sha256: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, directory: Path, name: str) -> FileInfo:
+        size, sha, quick = file_digests(Path(directory) / name)
+        return cls(name, size, sha, quick)
+
+    def check(self, directory: Path, what: str, full: bool = False) -> None:
+        path = Path(directory) / self.file
+        if not path.is_file():
+            raise ManifestMismatchError(f"{path}: {what} file is missing")
+        size = path.stat().st_size
+        if size != self.size:
+            raise ManifestMismatchError(f"{path}: {what} is {size} bytes, the manifest says {self.size} (truncated or "
+                                        f"replaced)")
+        if file_fingerprint(path) != self.fingerprint:
+            raise ManifestMismatchError(f"{path}: {what} contents differ from the manifest (swapped or modified)")
+        if full and file_sha256(path) != self.sha256:
+            raise ManifestMismatchError(f"{path}: {what} sha256 differs from the manifest")
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     index: int
-    file: str
+    file: FileInfo
     start: int  # first global vector id held by the shard
     end: int  # one past the last
-    sha256: str
+    ivfdata: FileInfo | None = None  # on-disk inverted lists of this shard
 
     @property
     def count(self) -> int:
         return self.end - self.start
+
+    def files(self) -> list[FileInfo]:
+        return [self.file] + ([self.ivfdata] if self.ivfdata else [])
 
 
 @dataclass(frozen=True)
@@ -46,8 +85,12 @@ class Manifest:
     factory: str
     n_vectors: int
     empty_documents: int
+    corpus_root: str  # where the corpus lay at build time; corpus paths are relative to it
     corpus: list[CorpusFile]
+    doc_table: FileInfo
     shards: list[ShardInfo]
+    vectors: FileInfo | None = None  # float16 copy of every vector (exact re-ranking, SIFT)
+    layout: dict = field(default_factory=dict)  # on_disk, refine, build options
     format_version: int = FORMAT_VERSION
     identity: str = field(default="", compare=False)
 
@@ -59,8 +102,7 @@ class Manifest:
     def compute_identity(self) -> str:
         body = self.to_dict()
         body.pop("identity")
-        for entry in body["corpus"]:
-            entry.pop("path")  # the same corpus may be mounted elsewhere on another machine
+        body.pop("corpus_root")  # the same corpus may be mounted elsewhere on another machine
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
     def to_dict(self) -> dict:
@@ -74,12 +116,20 @@ class Manifest:
         try:
             raw = json.loads(text)
             if raw.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {raw.get('format_version')} != {FORMAT_VERSION}")
+                raise ValueError(f"format_version {raw.get('format_version')} != {FORMAT_VERSION} (rebuild the index "
+                                 f"with this version of ttt-index)")
             recorded = raw.pop("identity", None)
+
+            def info(d):
+                return FileInfo(**d) if d is not None else None
+
             manifest = cls(
-                **{k: v for k, v in raw.items() if k not in ("corpus", "shards")},
+                **{k: v for k, v in raw.items() if k not in ("corpus", "shards", "doc_table", "vectors")},
                 corpus=[CorpusFile(**c) for c in raw["corpus"]],
-                shards=[ShardInfo(**s) for s in raw["shards"]],
+                doc_table=info(raw["doc_table"]),
+                vectors=info(raw.get("vectors")),
+                shards=[ShardInfo(**{**s, "file": info(s["file"]), "ivfdata": info(s.get("ivfdata"))})
+                        for s in raw["shards"]],
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestMismatchError(f"{source}: not a valid ttt-nn index manifest: {e}") from e
@@ -89,7 +139,10 @@ class Manifest:
 
     @classmethod
     def load(cls, index_dir: Path | str) -> Manifest:
-        path = Path(index_dir) / MANIFEST_NAME
+        index_dir = Path(index_dir)
+        if not index_dir.is_dir():
+            raise FileNotFoundError(f"{index_dir}: no such index directory")
+        path = index_dir / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no index manifest (build one with `ttt-index build`)")
         return cls.from_json(path.read_text(), source=str(path))
@@ -97,20 +150,29 @@ class Manifest:
     def save(self, index_dir: Path) -> None:
         (Path(index_dir) / MANIFEST_NAME).write_text(self.to_json() + "\n")
 
-    def verify(self, index_dir: Path | str, full: bool = False, shards: list[int] | None = None) -> None:
-        """Check that corpus files and shard files on disk are the ones recorded.
+    def corpus_dir(self, corpus_root: Path | str | None = None) -> Path:
+        return Path(corpus_root) if corpus_root is not None else Path(self.corpus_root)
 
-        Quick by default (corpus size + head/tail hash, shard sizes exist); ``full`` re-hashes
-        every corpus and shard file.
+    def verify(self, index_dir: Path | str, full: bool = False, shards: list[int] | None = None,
+               corpus_root: Path | str | None = None) -> None:
+        """Check corpus and index files against the manifest.
+
+        Quick by default (sizes plus head/middle/tail hashes of every file); ``full``
+        re-hashes every corpus and index file. ``shards`` limits the shard files checked
+        (a server checks only those it serves).
         """
-        for corpus_file in self.corpus:
-            corpus_file.check(full=full)
+        root = self.corpus_dir(corpus_root)
+        try:
+            for corpus_file in self.corpus:
+                corpus_file.check(root, full=full)
+        except CorpusChangedError as e:
+            raise ManifestMismatchError(str(e)) from e
+        self.doc_table.check(index_dir, "document table", full)
+        if self.vectors is not None:
+            self.vectors.check(index_dir, "stored vectors", full)
         for shard in self.shards if shards is None else [self.shards[i] for i in shards]:
-            path = Path(index_dir) / shard.file
-            if not path.is_file():
-                raise ManifestMismatchError(f"{path}: shard {shard.index} file is missing")
-            if full and file_sha256(path) != shard.sha256:
-                raise ManifestMismatchError(f"{path}: shard {shard.index} checksum differs from manifest")
+            for info in shard.files():
+                info.check(index_dir, f"shard {shard.index}", full)
 
     def shard_of(self, vector_id: int) -> ShardInfo:
         for shard in self.shards:

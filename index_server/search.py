@@ -1,9 +1,14 @@
 """Searching shards: the exact top-k merge and the in-process index over all shards.
 
 ``merge_topk`` is the one place where per-shard answers become a global answer; the
-in-process ``LocalIndex`` and the gRPC client both use it, which is why they agree to the
-last bit. Order is nearest first with ties broken by the smaller global id, so the answer
-does not depend on how many shards there are or which one answered first.
+in-process ``LocalIndex`` and the gRPC server both search through ``ShardSearcher`` and
+merge with it, which is why they agree to the last bit. Order is nearest first with ties
+broken by the smaller global id, so the answer does not depend on how many shards there are
+or which one answered first.
+
+Indexes built with ``--refine`` keep a float16 copy of every vector; a shard then asks its
+approximate index for ``refine_factor * k`` candidates and re-ranks them with exact
+distances computed from that memory-mapped copy.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import faiss
 import numpy as np
 
 from .corpus import CorpusStore
-from .manifest import DOC_TABLE_NAME, Manifest, ShardInfo
+from .manifest import Manifest, ShardInfo
+from .options import IndexOptions
+
+# Index types whose stored codes are the vectors themselves (reconstruction is exact).
+_EXACT_STORAGE = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
 
 
 @dataclass
@@ -27,13 +36,27 @@ class SearchResult:
     distances: np.ndarray  # (n, k) float32
     missing_shards: list[list[int]] = field(default_factory=list)  # per query, degrade mode
 
+    @property
+    def degraded(self) -> bool:
+        return any(self.missing_shards)
 
-@dataclass(frozen=True)
-class SearchParams:
-    """Query-time knobs of approximate indexes (ignored by Flat)."""
 
-    nprobe: int | None = None  # IVF: inverted lists visited per query
-    ef_search: int | None = None  # HNSW: candidate list size
+class QueryError(ValueError):
+    """A query the index refuses (wrong dimension, NaN or infinity, k out of range)."""
+
+
+def check_queries(queries: np.ndarray, k: int, dim: int, max_k: int, max_batch: int | None = None) -> np.ndarray:
+    """The validation every backend applies before searching; returns float32 rows."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if queries.shape[1] != dim:
+        raise QueryError(f"query dimension {queries.shape[1]} != index dimension {dim}")
+    if not 1 <= k <= max_k:
+        raise QueryError(f"k must be in [1, {max_k}], got {k}")
+    if max_batch is not None and not 1 <= len(queries) <= max_batch:
+        raise QueryError(f"batch must hold 1 to {max_batch} query vectors, got {len(queries)}")
+    if not np.isfinite(queries).all():
+        raise QueryError("query vectors contain NaN or infinity")
+    return queries
 
 
 def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,68 +82,120 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: s
     return top_d, top_ids
 
 
-def read_shard_index(path: Path) -> faiss.Index:
-    """Load a shard, memory-mapped where the index type allows it (IVF lists, flat codes)."""
+def exact_distances(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
+    """(n, m) distances of each query to its own m vectors (n, m, d), as Faiss reports them."""
+    if metric == "l2":
+        return ((vectors - queries[:, None, :]) ** 2).sum(-1, dtype=np.float32)
+    return np.einsum("nd,nmd->nm", queries, vectors, dtype=np.float32)
+
+
+def read_shard_index(path: Path, on_disk: bool) -> faiss.Index:
+    """Load a shard, memory-mapped where the index type allows it; on-disk inverted lists
+    are found next to the shard file wherever the index directory has moved."""
+    extra = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0
     for flags in (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY):
         try:
-            return faiss.read_index(str(path), flags)
+            return faiss.read_index(str(path), flags | extra)
         except RuntimeError:
             continue
-    return faiss.read_index(str(path))
+    return faiss.read_index(str(path), extra)
 
 
-def apply_search_params(index: faiss.Index, params: SearchParams) -> None:
+def apply_search_params(index: faiss.Index, options: IndexOptions) -> None:
     space = faiss.ParameterSpace()
-    if params.nprobe is not None:
-        space.set_index_parameter(index, "nprobe", params.nprobe)
-    if params.ef_search is not None:
-        space.set_index_parameter(index, "efSearch", params.ef_search)
+    if options.nprobe is not None:
+        space.set_index_parameter(index, "nprobe", options.nprobe)
+    if options.ef_search is not None:
+        space.set_index_parameter(index, "efSearch", options.ef_search)
 
 
 class ShardSearcher:
     """One loaded shard answering in global ids."""
 
-    def __init__(self, index_dir: Path, shard: ShardInfo, params: SearchParams = SearchParams()):
-        self.shard = shard
-        self.index = read_shard_index(Path(index_dir) / shard.file)
+    def __init__(self, index_dir: Path, manifest: Manifest, shard: ShardInfo, options: IndexOptions,
+                 stored: np.ndarray | None):
+        self.shard, self.metric, self.stored = shard, manifest.metric, stored
+        self.index = read_shard_index(Path(index_dir) / shard.file.file, shard.ivfdata is not None)
         if self.index.ntotal != shard.count:
-            raise RuntimeError(f"{shard.file}: holds {self.index.ntotal} vectors, manifest says {shard.count}")
-        apply_search_params(self.index, params)
+            raise RuntimeError(f"{shard.file.file}: holds {self.index.ntotal} vectors, manifest says {shard.count}")
+        apply_search_params(self.index, options)
+        self.refine_factor = options.refine_factor
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.shard.count))
-        return distances, np.where(local >= 0, local + self.shard.start, -1)
+        k_local = min(k, self.shard.count)
+        fetch = min(self.shard.count, k_local * self.refine_factor) if self.stored is not None else k_local
+        distances, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        ids = np.where(local >= 0, local + self.shard.start, -1)
+        if self.stored is None:
+            return distances, ids
+        rows = self.stored[np.where(ids >= 0, ids, 0).ravel()].astype(np.float32).reshape(*ids.shape, -1)
+        exact = exact_distances(queries, rows, self.metric)
+        exact[ids < 0] = np.inf if self.metric == "l2" else -np.inf
+        return merge_topk([(exact, ids)], k_local, self.metric)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray | None:
+        """Exact vectors of global ids when the shard's storage is exact, else None."""
+        index = faiss.downcast_index(self.index)
+        if not isinstance(index, _EXACT_STORAGE):
+            return None
+        if isinstance(index, faiss.IndexIVFFlat):
+            index.make_direct_map()
+        return index.reconstruct_batch(np.asarray(ids, dtype=np.int64) - self.shard.start)
 
 
-def open_corpus(index_dir: Path | str, manifest: Manifest) -> CorpusStore:
-    table = np.load(Path(index_dir) / DOC_TABLE_NAME, mmap_mode="r")
-    return CorpusStore(manifest.corpus, table)
+def open_corpus(index_dir: Path | str, manifest: Manifest, corpus_root: Path | None) -> CorpusStore:
+    table = np.load(Path(index_dir) / manifest.doc_table.file, mmap_mode="r")
+    return CorpusStore(manifest.corpus, table, manifest.corpus_dir(corpus_root))
+
+
+def open_stored_vectors(index_dir: Path | str, manifest: Manifest) -> np.ndarray | None:
+    return np.load(Path(index_dir) / manifest.vectors.file, mmap_mode="r") if manifest.vectors else None
+
+
+def vectors_from(searchers: Sequence[ShardSearcher], stored: np.ndarray | None, ids: Sequence[int]
+                 ) -> tuple[np.ndarray | None, str]:
+    """Vectors of ``ids`` from stored float16 copies or exact shard storage; (None, "none")
+    when the index keeps only lossy codes (the caller re-embeds the texts)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if stored is not None:
+        return stored[ids].astype(np.float32), "stored-f16"
+    out = np.empty((len(ids), searchers[0].index.d), dtype=np.float32)
+    for searcher in searchers:
+        mask = (ids >= searcher.shard.start) & (ids < searcher.shard.end)
+        if mask.any():
+            rows = searcher.reconstruct(ids[mask])
+            if rows is None:
+                return None, "none"
+            out[mask] = rows
+    return out, "exact"
 
 
 class LocalIndex:
-    """All shards of an index in this process: exact global top-k plus texts.
+    """All shards of an index in this process: exact global top-k plus texts and vectors.
 
     The default, serverless backend. Opening verifies the manifest against the files.
     """
 
-    def __init__(self, index_dir: Path | str, params: SearchParams = SearchParams()):
+    def __init__(self, index_dir: Path | str, options: IndexOptions = IndexOptions()):
         self.index_dir = Path(index_dir)
+        self.options = options
         self.manifest = Manifest.load(self.index_dir)
-        self.manifest.verify(self.index_dir)
-        self.shards = [ShardSearcher(self.index_dir, s, params) for s in self.manifest.shards]
-        self.corpus = open_corpus(self.index_dir, self.manifest)
+        self.manifest.verify(self.index_dir, corpus_root=options.corpus_root)
+        self.stored = open_stored_vectors(self.index_dir, self.manifest)
+        self.shards = [ShardSearcher(self.index_dir, self.manifest, s, options, self.stored)
+                       for s in self.manifest.shards]
+        self.corpus = open_corpus(self.index_dir, self.manifest, options.corpus_root)
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        queries = np.atleast_2d(queries)
-        if queries.shape[1] != self.manifest.dim:
-            raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.manifest.dim}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        queries = check_queries(queries, k, self.manifest.dim, self.options.max_k)
         distances, ids = merge_topk([s.search(queries, k) for s in self.shards], k, self.manifest.metric)
         return SearchResult(ids=ids, distances=distances, missing_shards=[[] for _ in range(len(ids))])
 
-    def texts(self, ids: Sequence[int]) -> list[str]:
+    def texts(self, ids: Sequence[int]) -> list[str | None]:
         return self.corpus.texts(ids)
+
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray | None, str]:
+        return vectors_from(self.shards, self.stored, ids)
 
     def close(self) -> None:
         self.corpus.close()

@@ -2,19 +2,24 @@
 
 Unlike the reference (pickled objects over ``multiprocessing.connection`` with a hard-coded
 key, full texts of every local top-k sent back), a shard answers ids and distances only,
-texts are fetched for the final k, requests are bounded (k, batch, message size) and
-checked, optional TLS and a bearer token protect the port, and SIGTERM drains in-flight
-requests before exit.
+texts are fetched for the final k, requests are bounded (k, batch, ids, answer size) and
+checked *before* any work (a FetchTexts answer's size is known from the document table
+before a byte of text is read), optional TLS and a bearer token protect the port (compared
+in constant time; an empty token file is an error, and a non-loopback address without a
+token needs ``--insecure``), and SIGTERM drains in-flight requests before exit.
+
+The servicer is ``KnnShardServicer``; ``serve()`` runs it until a signal.
 """
 
 from __future__ import annotations
 
-import argparse
+import hmac
+import ipaddress
 import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,14 +27,17 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._proto import knn_pb2, knn_pb2_grpc
-from .corpus import CorpusStore
+from .corpus import CorpusChangedError
 from .manifest import Manifest
-from .search import SearchParams, ShardSearcher, merge_topk, open_corpus
+from .options import IndexOptions
+from .search import QueryError, ShardSearcher, check_queries, merge_topk, open_corpus, open_stored_vectors, vectors_from
 from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
 
 SERVICE_NAME = "tttnn.knn.v1.KnnShard"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 TOKEN_METADATA_KEY = "authorization"
+# Room left in a message for protobuf framing around the texts or vectors themselves.
+_MESSAGE_OVERHEAD = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -40,33 +48,32 @@ class ServerConfig:
     port: int = 0  # 0: pick a free port (printed at start)
     max_k: int = 1024
     max_batch: int = 4096
+    max_ids: int = 65536  # ids per FetchTexts / FetchVectors request
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    params: SearchParams = SearchParams()
+    insecure: bool = False  # allow a non-loopback address without a token
+    search: IndexOptions = field(default_factory=IndexOptions)  # nprobe, ef_search, refine_factor, corpus_root
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        return cls(
-            index=args.index,
-            shards=tuple(args.shards) if getattr(args, "shards", None) else None,
-            host=args.host,
-            port=args.port,
-            max_k=args.max_k,
-            max_batch=args.max_batch,
-            max_message_bytes=args.max_message_mb << 20,
-            workers=args.workers,
-            token=_read_token(args.token_file),
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            params=SearchParams(nprobe=args.nprobe, ef_search=args.ef_search),
-        )
+    def __post_init__(self):
+        if self.token is not None and not self.token.strip():
+            raise ValueError("empty bearer token: it would turn authentication off")
+        if not is_loopback(self.host) and self.token is None and not self.insecure:
+            raise ValueError(f"refusing to serve on {self.host} without a token: anyone who can reach the port could "
+                             f"read the corpus. Pass --token-file, or --insecure if the network is trusted")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
 
 
-def _read_token(path: Path | None) -> str | None:
-    return Path(path).read_text().strip() if path else None
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
@@ -77,13 +84,12 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
         for i in wanted:
             if not 0 <= i < len(self.manifest.shards):
                 raise ValueError(f"shard {i} does not exist; index has {len(self.manifest.shards)} shards")
-        self.manifest.verify(config.index, shards=list(wanted))
-        self.searchers = [ShardSearcher(config.index, self.manifest.shards[i], config.params) for i in wanted]
-        self.corpus: CorpusStore = open_corpus(config.index, self.manifest)
-        self._corpus_lock = threading.Lock()  # mmap handles are opened lazily
-
-    def _owns(self, doc_id: int) -> bool:
-        return any(s.shard.start <= doc_id < s.shard.end for s in self.searchers)
+        self.manifest.verify(config.index, shards=list(wanted), corpus_root=config.search.corpus_root)
+        self.stored = open_stored_vectors(config.index, self.manifest)
+        self.searchers = [ShardSearcher(config.index, self.manifest, self.manifest.shards[i], config.search, self.stored)
+                          for i in wanted]
+        self.corpus = open_corpus(config.index, self.manifest, config.search.corpus_root)
+        self._corpus_lock = threading.Lock()  # file handles are opened lazily
 
     def _check_identity(self, requested: str, context: grpc.ServicerContext) -> None:
         if requested and requested != self.manifest.identity:
@@ -92,39 +98,57 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
                 f"index identity mismatch: server holds {self.manifest.identity}, client expects {requested}",
             )
 
+    def _check_ids(self, ids, context: grpc.ServicerContext) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) > self.config.max_ids:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"too many ids ({len(ids)}) in one request; "
+                                                            f"at most {self.config.max_ids}")
+        owned = np.zeros(len(ids), dtype=bool)
+        for s in self.searchers:
+            owned |= (ids >= s.shard.start) & (ids < s.shard.end)
+        if not owned.all():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"ids not held by this server: {ids[~owned][:10].tolist()}")
+        return ids
+
+    def _check_answer_size(self, size: int, what: str, context: grpc.ServicerContext) -> None:
+        limit = self.config.max_message_bytes - _MESSAGE_OVERHEAD
+        if size > limit:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} would take {size} bytes, over the {limit}-byte "
+                                                              f"answer limit; ask for fewer ids per request")
+
     def Search(self, request, context):
         self._check_identity(request.index_identity, context)
-        dim = self.manifest.dim
-        if request.dim != dim:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"query dimension {request.dim} != index dimension {dim}")
-        if not 1 <= request.k <= self.config.max_k:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be in [1, {self.config.max_k}], got {request.k}")
         try:
-            queries = unpack(request.vectors, VECTOR_DTYPE, dim)
+            if request.dim != self.manifest.dim:
+                raise QueryError(f"query dimension {request.dim} != index dimension {self.manifest.dim}")
+            queries = check_queries(unpack(request.vectors, VECTOR_DTYPE, self.manifest.dim), request.k,
+                                    self.manifest.dim, self.config.max_k, self.config.max_batch)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vectors: {e}")
-        if not 1 <= len(queries) <= self.config.max_batch:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch must hold 1 to {self.config.max_batch} query vectors, got {len(queries)}",
-            )
-        if not np.isfinite(queries).all():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query vectors contain NaN or infinity")
-        distances, ids = merge_topk([s.search(queries, request.k) for s in self.searchers], request.k, self.manifest.metric)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}")
+        distances, ids = merge_topk([s.search(queries, request.k) for s in self.searchers], request.k,
+                                    self.manifest.metric)
         return knn_pb2.SearchResponse(
             n=len(queries), k=request.k, ids=pack(ids, ID_DTYPE), distances=pack(distances, VECTOR_DTYPE)
         )
 
     def FetchTexts(self, request, context):
         self._check_identity(request.index_identity, context)
-        if len(request.ids) > self.config.max_batch * self.config.max_k:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"too many ids ({len(request.ids)}) in one request")
-        foreign = [i for i in request.ids if not self._owns(i)]
-        if foreign:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"ids not held by this server: {foreign[:10]}")
-        with self._corpus_lock:
-            texts = self.corpus.texts(request.ids)
+        ids = self._check_ids(request.ids, context)
+        self._check_answer_size(self.corpus.byte_length(ids), "the texts", context)
+        try:
+            with self._corpus_lock:
+                texts = self.corpus.texts(ids)
+        except CorpusChangedError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return knn_pb2.FetchTextsResponse(texts=texts)
+
+    def FetchVectors(self, request, context):
+        self._check_identity(request.index_identity, context)
+        ids = self._check_ids(request.ids, context)
+        self._check_answer_size(len(ids) * self.manifest.dim * VECTOR_DTYPE.itemsize, "the vectors", context)
+        vectors, source = vectors_from(self.searchers, self.stored, ids)
+        return knn_pb2.FetchVectorsResponse(dim=self.manifest.dim, source=source,
+                                            vectors=pack(vectors, VECTOR_DTYPE) if vectors is not None else b"")
 
     def Info(self, request, context):
         return knn_pb2.InfoResponse(
@@ -139,10 +163,11 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without ``authorization: Bearer <token>`` (health checks included)."""
+    """Rejects calls without ``authorization: Bearer <token>`` (health checks included);
+    the comparison takes the same time whatever the wrong token shares with the right one."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -151,7 +176,8 @@ class _TokenInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get(TOKEN_METADATA_KEY) != self._expected:
+        given = str(metadata.get(TOKEN_METADATA_KEY, "")).encode()
+        if not hmac.compare_digest(given, self._expected):
             return self._deny
         return continuation(handler_call_details)
 
@@ -169,9 +195,7 @@ def start_server(config: ServerConfig) -> tuple[grpc.Server, int, KnnShardServic
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
-    if config.tls_cert or config.tls_key:
-        if not (config.tls_cert and config.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if config.tls_cert:
         credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
         port = server.add_secure_port(address, credentials)
     else:
@@ -184,7 +208,8 @@ def start_server(config: ServerConfig) -> tuple[grpc.Server, int, KnnShardServic
     return server, port, servicer
 
 
-def serve_forever(config: ServerConfig, grace_s: float = 5.0) -> None:
+def serve(config: ServerConfig, grace_s: float = 5.0) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests for ``grace_s``."""
     server, port, servicer = start_server(config)
     shards = ",".join(str(s.shard.index) for s in servicer.searchers)
     # One parseable line: launchers and tests read the bound port from it.
@@ -199,22 +224,3 @@ def serve_forever(config: ServerConfig, grace_s: float = 5.0) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     stopped.wait()
-
-
-def add_server_arguments(p: argparse.ArgumentParser, single_shard: bool = True) -> None:
-    p.add_argument("index", type=Path, help="index directory written by `ttt-index build`")
-    if single_shard:
-        p.add_argument("--shards", type=int, nargs="+", help="shard numbers to serve (default: all)")
-        p.add_argument("--port", type=int, default=0, help="port; 0 picks a free one (default: %(default)s)")
-    else:
-        p.add_argument("--base-port", type=int, default=50051, help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
-    p.add_argument("--max-k", type=int, default=1024, help="largest k accepted (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=4096, help="most query vectors per request (default: %(default)s)")
-    p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit in MiB (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=8, help="request handler threads (default: %(default)s)")
-    p.add_argument("--nprobe", type=int, help="IVF lists probed per query")
-    p.add_argument("--ef-search", type=int, help="HNSW efSearch")
-    p.add_argument("--token-file", type=Path, help="file holding a bearer token clients must send")
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
-    p.add_argument("--tls-key", type=Path, help="PEM private key")

@@ -1,3 +1,4 @@
+import os
 import re
 import signal
 import subprocess
@@ -11,8 +12,9 @@ import pytest
 
 from conftest import BIN, build_small
 from index_server._proto import knn_pb2, knn_pb2_grpc
-from index_server.client import ClientConfig, GrpcIndex, ShardUnavailableError
+from index_server.client import GrpcIndex, ShardUnavailableError, parse_addresses
 from index_server.manifest import ManifestMismatchError
+from index_server.options import IndexOptions, open_index
 from index_server.search import LocalIndex
 from index_server.server import ServerConfig, start_server
 
@@ -33,11 +35,15 @@ def start(index: Path, shards=None, **kw):
     return server, f"127.0.0.1:{port}"
 
 
+def spec(*addresses: str) -> str:
+    return "grpc://" + "+".join(addresses)
+
+
 @pytest.mark.parametrize("layout", ["one server, all shards", "one server per shard"])
 def test_grpc_equals_in_process_exactly(sharded, queries, layout):
     local = LocalIndex(sharded)
     servers = [start(sharded)] if layout.startswith("one server,") else [start(sharded, (i,)) for i in range(4)]
-    client = GrpcIndex(ClientConfig(tuple(a for _, a in servers)))
+    client = open_index(spec(*(a for _, a in servers)))
     try:
         for k in (1, 7, 40):
             want, got = local.search(queries, k), client.search(queries, k)
@@ -46,6 +52,9 @@ def test_grpc_equals_in_process_exactly(sharded, queries, layout):
             assert got.missing_shards == [[]] * len(queries)
         ids = want.ids[:3].ravel()
         assert client.texts(ids) == local.texts(ids)
+        (remote_vectors, source), (local_vectors, _) = client.vectors(ids), local.vectors(ids)
+        assert source == "exact"
+        np.testing.assert_array_equal(remote_vectors, local_vectors)
     finally:
         client.close()
         for server, _ in servers:
@@ -53,21 +62,25 @@ def test_grpc_equals_in_process_exactly(sharded, queries, layout):
 
 
 def test_bad_requests_get_readable_status_and_server_keeps_serving(sharded, queries):
-    server, address = start(sharded, max_k=50, max_batch=8, max_message_bytes=64 << 10)
+    server, address = start(sharded, max_k=50, max_batch=8, max_message_bytes=128 << 10)
     stub = knn_pb2_grpc.KnnShardStub(grpc.insecure_channel(address))
     dim = queries.shape[1]
 
     def search(vectors, k, d=dim):
         return stub.Search(knn_pb2.SearchRequest(k=k, dim=d, vectors=np.asarray(vectors, "<f4").tobytes()), timeout=10)
 
+    big = int(np.argmax(np.load(sharded / "docs.npy")["length"]))  # the largest document, repeated
     cases = [
         (lambda: search(queries[:1], 0), grpc.StatusCode.INVALID_ARGUMENT, r"k must be in \[1, 50\], got 0"),
         (lambda: search(queries[:1], 51), grpc.StatusCode.INVALID_ARGUMENT, r"k must be in \[1, 50\], got 51"),
         (lambda: search(queries[:1, :10], 5, d=10), grpc.StatusCode.INVALID_ARGUMENT, r"query dimension 10 != index dimension"),
         (lambda: search(queries[:0], 5), grpc.StatusCode.INVALID_ARGUMENT, r"batch must hold 1 to 8 query vectors, got 0"),
         (lambda: search(queries[:9], 5), grpc.StatusCode.INVALID_ARGUMENT, r"got 9"),
-        (lambda: search(np.zeros((80, dim)), 5), grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max"),
+        (lambda: search(queries[:1] * np.nan, 5), grpc.StatusCode.INVALID_ARGUMENT, r"NaN or infinity"),
+        (lambda: search(np.zeros((400, dim)), 5), grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max"),
         (lambda: stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[10**9])), grpc.StatusCode.NOT_FOUND, r"not held by this server"),
+        (lambda: stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[big] * 2000)), grpc.StatusCode.RESOURCE_EXHAUSTED,
+         r"the texts would take \d+ bytes, over the"),
         (lambda: stub.Search(knn_pb2.SearchRequest(k=1, dim=dim, vectors=b"abc")), grpc.StatusCode.INVALID_ARGUMENT, r"not a whole number"),
     ]
     try:
@@ -81,15 +94,69 @@ def test_bad_requests_get_readable_status_and_server_keeps_serving(sharded, quer
         server.stop(0)
 
 
-def test_token_is_required_when_configured(sharded, queries, tmp_path):
-    server, address = start(sharded, token="s3cret")
+def test_fetch_texts_size_is_checked_before_reading(sharded, monkeypatch):
+    """An 8-byte request used to make the server read and buffer hundreds of MB of texts."""
+    from index_server.corpus import CorpusStore
+
+    read = []
+    monkeypatch.setattr(CorpusStore, "texts", lambda self, ids: read.append(len(ids)) or [""] * len(ids))
+    server, address = start(sharded, max_message_bytes=128 << 10)
+    stub = knn_pb2_grpc.KnnShardStub(grpc.insecure_channel(address))
+    big = int(np.argmax(np.load(sharded / "docs.npy")["length"]))
     try:
-        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED"):
-            GrpcIndex(ClientConfig((address,), retries=0))
-        client = GrpcIndex(ClientConfig((address,), token="s3cret"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[big] * 2000), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and read == []
+    finally:
+        server.stop(0)
+
+
+def test_refusals_are_not_retried(sharded, queries):
+    server, address = start(sharded, max_k=10)
+    calls = []
+    client = GrpcIndex((address,), IndexOptions(retries=3, backoff_s=0.5))
+    original = client._call
+    client._call = lambda *a, **k: calls.append(a[1]) or original(*a, **k)
+    start_time = time.perf_counter()
+    try:
+        with pytest.raises(ShardUnavailableError, match="INVALID_ARGUMENT"):
+            client.search(queries[:1], 11)
+        assert calls == [] and time.perf_counter() - start_time < 0.5  # no retry, no backoff
+    finally:
+        server.stop(0)
+
+
+def test_token_is_required_when_configured_and_an_empty_token_is_an_error(sharded, queries, tmp_path):
+    from index_server.server import _TokenInterceptor
+
+    server, address = start(sharded, token="s3cret")
+    token = tmp_path / "token"
+    try:
+        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED: the server refused the bearer token"):
+            GrpcIndex((address,), IndexOptions(retries=0))
+        token.write_text("s3cret\n")
+        client = GrpcIndex((address,), IndexOptions(token_file=token))
         assert client.search(queries[:1], 3).ids.shape == (1, 3)
     finally:
         server.stop(0)
+    for content in ("", "  \n"):
+        token.write_text(content)
+        with pytest.raises(ValueError, match="token file is empty"):
+            IndexOptions(token_file=token).token()
+        proc = subprocess.run([str(BIN / "ttt-index"), "serve", str(sharded), "--token-file", str(token)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "token file is empty" in proc.stderr
+    with pytest.raises(ValueError, match="empty bearer token"):
+        ServerConfig(index=sharded, token="")
+    assert "compare_digest" in _TokenInterceptor.intercept_service.__code__.co_names  # constant-time comparison
+
+
+def test_non_loopback_without_a_token_needs_insecure(sharded):
+    proc = subprocess.run([str(BIN / "ttt-index"), "serve", str(sharded), "--host", "0.0.0.0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "refusing to serve on 0.0.0.0 without a token" in proc.stderr
+    server, _ = start(sharded, host="0.0.0.0", insecure=True)
+    server.stop(0)
 
 
 def test_shard_from_another_index_is_refused(sharded, small_corpus, tmp_path):
@@ -97,9 +164,9 @@ def test_shard_from_another_index_is_refused(sharded, small_corpus, tmp_path):
     (s0, a0), (s1, a1) = start(sharded, (0, 1, 2)), start(other, (3,))
     try:
         with pytest.raises(ManifestMismatchError, match=rf"shard server {re.escape(a1)} \(shards 3\) belongs to index"):
-            GrpcIndex(ClientConfig((a0, a1)))
+            GrpcIndex((a0, a1))
         with pytest.raises(ManifestMismatchError, match=r"missing shards \[3\]"):
-            GrpcIndex(ClientConfig((a0,)))
+            GrpcIndex((a0,))
     finally:
         s0.stop(0)
         s1.stop(0)
@@ -118,8 +185,8 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
     addresses = tuple(a for _, a in procs)
     local = LocalIndex(sharded)
     try:
-        fail = GrpcIndex(ClientConfig(addresses, retries=1, backoff_s=0.05, timeout_s=5))
-        degrade = GrpcIndex(ClientConfig(addresses, retries=1, backoff_s=0.05, timeout_s=5, failure_policy="degrade"))
+        fail = GrpcIndex(addresses, IndexOptions(retries=1, backoff_s=0.05, timeout_s=5))
+        degrade = GrpcIndex(addresses, IndexOptions(retries=1, backoff_s=0.05, timeout_s=5, failure_policy="degrade"))
         procs[2][0].kill()
         procs[2][0].wait()
         with pytest.raises(ShardUnavailableError, match=rf"shard server {re.escape(addresses[2])} \(shards 2\) failed Search: UNAVAILABLE"):
@@ -128,6 +195,15 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
         assert partial.missing_shards == [[2]] * len(queries)
         shard2 = local.manifest.shards[2]
         assert not ((partial.ids >= shard2.start) & (partial.ids < shard2.end)).any()
+        texts = degrade.texts([shard2.start, 0])  # texts on the dead shard degrade too
+        assert texts[0] is None and texts[1] == local.texts([0])[0]
+        t = time.perf_counter()
+        degrade.search(queries, 5)  # the shard is known dead: no retry backoff
+        assert time.perf_counter() - t < 0.3
+        with pytest.raises(ShardUnavailableError, match="UNAVAILABLE"):  # a degrade client starts with a shard down
+            GrpcIndex(addresses, IndexOptions(retries=0, timeout_s=2))
+        late = GrpcIndex(addresses, IndexOptions(retries=0, timeout_s=2, failure_policy="degrade"))
+        assert late.search(queries, 5).missing_shards == [[2]] * len(queries)
         procs[2] = _serve(sharded, 2, port=int(addresses[2].rsplit(":", 1)[1]))  # restart on the same port
         deadline = time.time() + 20
         while True:
@@ -139,7 +215,9 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
                     raise
                 time.sleep(0.2)
         np.testing.assert_array_equal(full.ids, local.search(queries, 5).ids)
+        time.sleep(5.2)  # past the dead-server cooldown: the degrade clients probe it again
         assert degrade.search(queries, 5).missing_shards == [[]] * len(queries)
+        np.testing.assert_array_equal(late.search(queries, 5).ids, full.ids)  # checked, then used
     finally:
         for proc, _ in procs:
             proc.send_signal(signal.SIGTERM)
@@ -147,20 +225,61 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
             assert proc.wait(timeout=15) == 0  # clean shutdown on SIGTERM
 
 
-def test_serve_all_prints_a_working_address_list(sharded, queries):
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def test_serve_all_restarts_a_dead_shard_and_its_children_die_with_it(sharded, queries):
     proc = subprocess.Popen([str(BIN / "ttt-index"), "serve-all", str(sharded), "--base-port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(5)]
-        spec = lines[-1].strip()
-        assert spec.startswith("index=grpc://"), lines
-        from index_server.client import parse_addresses
-
-        client = GrpcIndex(ClientConfig(parse_addresses(spec.removeprefix("index="))))
+        assert lines[-1].startswith("index=grpc://"), lines
+        client = open_index(lines[-1].strip().removeprefix("index="), IndexOptions(failure_policy="degrade",
+                                                                                    retries=0, timeout_s=2))
         np.testing.assert_array_equal(client.search(queries, 4).ids, LocalIndex(sharded).search(queries, 4).ids)
+        children = _children(proc.pid)
+        assert len(children) == 4
+        os.kill(children[1], signal.SIGKILL)  # one shard dies: the others keep serving, it comes back
+        assert "restarting on port" in proc.stderr.readline()
+        assert proc.stdout.readline().startswith("serving index")
+        deadline = time.time() + 20
+        while client.search(queries, 4).missing_shards != [[]] * len(queries):
+            assert time.time() < deadline
+            time.sleep(0.5)
+        children = _children(proc.pid)
+        proc.kill()  # SIGKILL: no chance to clean up, the kernel tells the children
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(_alive, children)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, children))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_all_stops_its_children_on_sigterm(sharded):
+    proc = subprocess.Popen([str(BIN / "ttt-index"), "serve-all", str(sharded), "--base-port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(5)]
+    assert lines[-1].startswith("index=grpc://")
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert not any(map(_alive, children))
+    assert parse_addresses(lines[-1].strip().removeprefix("index=")) == tuple(
+        line.rsplit(" ", 1)[-1].strip() for line in lines[:4])
 
 
 def test_checked_in_stubs_match_the_proto(tmp_path):
@@ -171,19 +290,24 @@ def test_checked_in_stubs_match_the_proto(tmp_path):
         assert (tmp_path / "index_server/_proto" / name).read_bytes() == (repo / "index_server/_proto" / name).read_bytes()
 
 
-def test_tls_and_health_check(sharded, queries, tmp_path):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def make_cert(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
                    check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_and_health_check(sharded, queries, tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cert, key = make_cert(tmp_path)
     server, address = start(sharded, tls_cert=cert, tls_key=key)
     try:
-        client = GrpcIndex(ClientConfig((address,), tls_ca=cert))
+        client = GrpcIndex((address,), IndexOptions(tls_ca=cert))
         np.testing.assert_array_equal(client.search(queries, 3).ids, LocalIndex(sharded).search(queries, 3).ids)
         with pytest.raises(ShardUnavailableError, match="UNAVAILABLE"):  # plaintext client refused
-            GrpcIndex(ClientConfig((address,), retries=0, timeout_s=3))
+            GrpcIndex((address,), IndexOptions(retries=0, timeout_s=3))
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(cert.read_bytes()))
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "tttnn.knn.v1.KnnShard"):

@@ -1,4 +1,7 @@
 import json
+import re
+import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -6,10 +9,10 @@ import pytest
 
 from conftest import build_small, run
 from index_server.build import BuildConfig, build_index
-from index_server.corpus import CorpusStore, scan_corpus
 from index_server.encoder import EncoderConfig, TextEncoder
-from index_server.manifest import Manifest
-from index_server.search import LocalIndex, SearchParams
+from index_server.manifest import Manifest, ManifestMismatchError
+from index_server.options import IndexOptions
+from index_server.search import LocalIndex, QueryError
 
 # held-out module -> (area prefix, how many of its top 5 must come from that area)
 HELD_OUT = {
@@ -51,15 +54,16 @@ def test_held_out_modules_retrieve_their_area(default_index, default_corpus):
 
 
 @pytest.fixture(scope="session")
-def small_vectors(small_corpus):
-    store = CorpusStore.from_scan(scan_corpus([small_corpus], progress=False))
-    encoder = TextEncoder(EncoderConfig(max_tokens=32, batch_size=64))
-    return encoder.encode(list(store.iter_texts()))
+def small_vectors(small_index):
+    index = LocalIndex(small_index)
+    vectors, source = index.vectors(np.arange(index.manifest.n_vectors))
+    assert source == "exact"
+    return vectors
 
 
 @pytest.mark.parametrize("shards", [1, 4])
 def test_sharded_search_equals_one_flat_index(small_corpus, small_vectors, tmp_path, shards):
-    index = LocalIndex(build_small(small_corpus, tmp_path / "idx", shards=shards))
+    index = LocalIndex(build_small(small_corpus, tmp_path / "idx", shards=shards, num_parts=3))
     assert [s.shard.count for s in index.shards] == [s.count for s in index.manifest.shards]
     assert len(index.shards) == shards
     flat = faiss.IndexFlatL2(small_vectors.shape[1])
@@ -78,9 +82,9 @@ def test_approximate_factories_build_and_find_neighbours(small_corpus, small_vec
     flat = faiss.IndexFlatL2(small_vectors.shape[1])
     flat.add(small_vectors)
     _, truth = flat.search(small_vectors[:40], 10)
-    for factory, params in (("IVF16,PQ16", SearchParams(nprobe=16)), ("HNSW16", SearchParams(ef_search=64))):
+    for factory, options in (("IVF16,PQ16", IndexOptions(nprobe=16)), ("HNSW16", IndexOptions(ef_search=64))):
         path = build_small(small_corpus, tmp_path / factory.replace(",", "_"), shards=2, factory=factory)
-        index = LocalIndex(path, params)
+        index = LocalIndex(path, options)
         got = index.search(small_vectors[:40], 10)
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.ids, truth)])
         assert recall > 0.5, (factory, recall)
@@ -89,9 +93,11 @@ def test_approximate_factories_build_and_find_neighbours(small_corpus, small_vec
 
 def test_bad_build_options_are_refused_before_writing(small_corpus, tmp_path):
     with pytest.raises(ValueError, match="invalid index factory string 'IVFx'"):
-        build_index(BuildConfig(corpus=(small_corpus,), output=tmp_path / "a", factory="IVFx", progress=False))
+        build_index(BuildConfig(output=tmp_path / "a", corpus=(small_corpus,), factory="IVFx", progress=False))
     with pytest.raises(ValueError, match="needs at least 100000 training vectors"):
-        build_index(BuildConfig(corpus=(small_corpus,), output=tmp_path / "b", factory="IVF100000,Flat", progress=False))
+        build_index(BuildConfig(output=tmp_path / "b", corpus=(small_corpus,), factory="IVF100000,Flat", progress=False))
+    with pytest.raises(ValueError, match="--on-disk needs an IVF index"):
+        build_index(BuildConfig(output=tmp_path / "c", corpus=(small_corpus,), on_disk=True, progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -100,5 +106,95 @@ def test_changed_corpus_is_detected_before_search(small_corpus, tmp_path):
     corpus.write_bytes(small_corpus.read_bytes())
     path = build_small(corpus, tmp_path / "idx")
     corpus.write_bytes(corpus.read_bytes().replace(b"import", b"IMPORT", 1))
-    with pytest.raises(RuntimeError, match="contents changed since the index was built"):
+    with pytest.raises(ManifestMismatchError, match="contents changed since the index was built"):
         LocalIndex(path)
+
+
+def test_in_process_queries_are_validated_like_the_servers(small_index):
+    index = LocalIndex(small_index, IndexOptions(max_k=50))
+    good = np.zeros((1, index.manifest.dim), dtype=np.float32)
+    for vectors, k, message in ((good * np.nan, 3, "NaN or infinity"), (good + np.inf, 3, "NaN or infinity"),
+                                (good, 51, r"k must be in \[1, 50\]"), (good, 0, r"k must be in \[1, 50\]"),
+                                (good[:, :5], 3, "query dimension 5")):
+        with pytest.raises(QueryError, match=message):
+            index.search(vectors, k)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_integrity_catches_rotated_doc_table_and_swapped_shards(small_corpus, tmp_path):
+    """Before, docs.npy was in no checksum and shards were checked by count only."""
+    a = build_small(small_corpus, tmp_path / "a", shards=2)
+    b = build_small(small_corpus, tmp_path / "b", shards=2, max_tokens=16)  # same sizes, other vectors
+    rotated = _copy(a, tmp_path / "rotated")
+    table = np.load(rotated / "docs.npy")
+    np.save(rotated / "docs.npy", np.roll(table, 1))
+    swapped = _copy(a, tmp_path / "swapped")
+    shard = Manifest.load(a).shards[1].file.file
+    shutil.copy(b / shard, swapped / shard)
+    truncated = _copy(a, tmp_path / "truncated")
+    with open(truncated / shard, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 8)
+    for broken, message in ((rotated, "document table contents differ"), (swapped, "shard 1 contents differ"),
+                            (truncated, "shard 1 is .* bytes, the manifest says")):
+        with pytest.raises(ManifestMismatchError, match=message):
+            LocalIndex(broken)
+        proc = run("ttt-index", "info", str(broken), "--verify", check=False)
+        assert proc.returncode == 2 and "ttt-index: error:" in proc.stderr
+    run("ttt-index", "info", str(a), "--full")
+
+
+def test_overwrite_only_replaces_an_index(small_corpus, tmp_path):
+    """Before, --overwrite deleted whatever --out held, the corpus being indexed included."""
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not an index")
+    corpus = precious / "corpus.jsonl"
+    corpus.write_bytes(small_corpus.read_bytes())
+    for out, message in ((precious, "is not an output of this tool"), (tmp_path / "data" / "notes.txt", "is not a directory")):
+        proc = run("ttt-index", "build", str(corpus), "--out", str(out), "--overwrite", "--max-tokens", "16",
+                   check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert (precious / "notes.txt").read_text() == "not an index" and corpus.is_file()
+    inside = build_small(corpus, precious / "index")
+    nested = precious / "index" / "corpus.jsonl"
+    shutil.copy(corpus, nested)
+    proc = run("ttt-index", "build", str(nested), "--out", str(inside), "--overwrite", "--max-tokens", "16", check=False)
+    assert proc.returncode == 2 and "holds the input" in proc.stderr
+    build_small(corpus, inside, overwrite=True)  # an index is replaced
+    assert Manifest.load(inside).n_vectors > 0
+
+
+def test_build_errors_are_one_line_before_any_embedding(small_corpus, tmp_path):
+    unwritable = Path("/sys/ttt-nn-test-index")  # not writable, even for root
+    for out, message in ((unwritable, "Permission denied|Operation not permitted"),
+                         (small_corpus / "idx", "is not a directory")):
+        proc = run("ttt-index", "build", str(small_corpus), "--out", str(out), check=False)
+        assert proc.returncode == 2 and re.search(message, proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
+        assert "embed documents" not in proc.stderr
+
+
+def test_scratch_is_removed_on_sigterm_and_stale_scratch_by_the_next_build(small_corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "idx"
+    proc = subprocess.Popen([sys.executable, "-m", "index_server.cli", "build", str(small_corpus), "--out", str(out),
+                             "--max-tokens", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".idx.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not list(tmp_path.glob(".idx.tmp-*")) and not out.exists()
+    stale = tmp_path / ".idx.tmp-killed"
+    stale.mkdir()
+    (stale / ".owner-pid").write_text("999999")  # a SIGKILLed build's pid, long gone
+    build_small(small_corpus, out)
+    assert not stale.exists() and (out / "manifest.json").is_file()

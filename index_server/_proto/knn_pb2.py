@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dindex_server/_proto/knn.proto\x12\x0ctttnn.knn.v1\"P\n\rSearchRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x16\n\x0eindex_identity\x18\x04 \x01(\t\"F\n\x0eSearchResponse\x12\t\n\x01n\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"8\n\x11\x46\x65tchTextsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"#\n\x12\x46\x65tchTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"\r\n\x0bInfoRequest\"7\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\xa9\x01\n\x0cInfoResponse\x12\x16\n\x0eindex_identity\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.tttnn.knn.v1.ShardRange\x12\x11\n\tn_vectors\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x11\n\tmax_batch\x18\x07 \x01(\r2\xdf\x01\n\x08KnnShard\x12\x43\n\x06Search\x12\x1b.tttnn.knn.v1.SearchRequest\x1a\x1c.tttnn.knn.v1.SearchResponse\x12O\n\nFetchTexts\x12\x1f.tttnn.knn.v1.FetchTextsRequest\x1a .tttnn.knn.v1.FetchTextsResponse\x12=\n\x04Info\x12\x19.tttnn.knn.v1.InfoRequest\x1a\x1a.tttnn.knn.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dindex_server/_proto/knn.proto\x12\x0ctttnn.knn.v1\"P\n\rSearchRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x16\n\x0eindex_identity\x18\x04 \x01(\t\"F\n\x0eSearchResponse\x12\t\n\x01n\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"8\n\x11\x46\x65tchTextsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"#\n\x12\x46\x65tchTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\":\n\x13\x46\x65tchVectorsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"D\n\x14\x46\x65tchVectorsResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0e\n\x06source\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"7\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\xa9\x01\n\x0cInfoResponse\x12\x16\n\x0eindex_identity\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.tttnn.knn.v1.ShardRange\x12\x11\n\tn_vectors\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x11\n\tmax_batch\x18\x07 \x01(\r2\xb6\x02\n\x08KnnShard\x12\x43\n\x06Search\x12\x1b.tttnn.knn.v1.SearchRequest\x1a\x1c.tttnn.knn.v1.SearchResponse\x12O\n\nFetchTexts\x12\x1f.tttnn.knn.v1.FetchTextsRequest\x1a .tttnn.knn.v1.FetchTextsResponse\x12=\n\x04Info\x12\x19.tttnn.knn.v1.InfoRequest\x1a\x1a.tttnn.knn.v1.InfoResponse\x12U\n\x0c\x46\x65tchVectors\x12!.tttnn.knn.v1.FetchVectorsRequest\x1a\".tttnn.knn.v1.FetchVectorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHTEXTSREQUEST']._serialized_end=257
   _globals['_FETCHTEXTSRESPONSE']._serialized_start=259
   _globals['_FETCHTEXTSRESPONSE']._serialized_end=294
-  _globals['_INFOREQUEST']._serialized_start=296
-  _globals['_INFOREQUEST']._serialized_end=309
-  _globals['_SHARDRANGE']._serialized_start=311
-  _globals['_SHARDRANGE']._serialized_end=366
-  _globals['_INFORESPONSE']._serialized_start=369
-  _globals['_INFORESPONSE']._serialized_end=538
-  _globals['_KNNSHARD']._serialized_start=541
-  _globals['_KNNSHARD']._serialized_end=764
+  _globals['_FETCHVECTORSREQUEST']._serialized_start=296
+  _globals['_FETCHVECTORSREQUEST']._serialized_end=354
+  _globals['_FETCHVECTORSRESPONSE']._serialized_start=356
+  _globals['_FETCHVECTORSRESPONSE']._serialized_end=424
+  _globals['_INFOREQUEST']._serialized_start=426
+  _globals['_INFOREQUEST']._serialized_end=439
+  _globals['_SHARDRANGE']._serialized_start=441
+  _globals['_SHARDRANGE']._serialized_end=496
+  _globals['_INFORESPONSE']._serialized_start=499
+  _globals['_INFORESPONSE']._serialized_end=668
+  _globals['_KNNSHARD']._serialized_start=671
+  _globals['_KNNSHARD']._serialized_end=981
 # @@protoc_insertion_point(module_scope)

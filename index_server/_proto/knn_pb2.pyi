@@ -44,6 +44,24 @@ class FetchTextsResponse(_message.Message):
     texts: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class FetchVectorsRequest(_message.Message):
+    __slots__ = ("ids", "index_identity")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    index_identity: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., index_identity: _Optional[str] = ...) -> None: ...
+
+class FetchVectorsResponse(_message.Message):
+    __slots__ = ("dim", "vectors", "source")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    vectors: bytes
+    source: str
+    def __init__(self, dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., source: _Optional[str] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

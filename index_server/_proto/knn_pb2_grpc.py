@@ -49,6 +49,11 @@ class KnnShardStub:
                 request_serializer=index__server_dot___proto_dot_knn__pb2.InfoRequest.SerializeToString,
                 response_deserializer=index__server_dot___proto_dot_knn__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.FetchVectors = channel.unary_unary(
+                '/tttnn.knn.v1.KnnShard/FetchVectors',
+                request_serializer=index__server_dot___proto_dot_knn__pb2.FetchVectorsRequest.SerializeToString,
+                response_deserializer=index__server_dot___proto_dot_knn__pb2.FetchVectorsResponse.FromString,
+                _registered_method=True)
 
 
 class KnnShardServicer:
@@ -75,6 +80,14 @@ class KnnShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchVectors(self, request, context):
+        """Embedding vectors for ids this server owns, in request order (for selection, e.g. SIFT),
+        where the index can give them: from its stored float16 copy or exact shard storage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnnShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_KnnShardServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=index__server_dot___proto_dot_knn__pb2.InfoRequest.FromString,
                     response_serializer=index__server_dot___proto_dot_knn__pb2.InfoResponse.SerializeToString,
+            ),
+            'FetchVectors': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchVectors,
+                    request_deserializer=index__server_dot___proto_dot_knn__pb2.FetchVectorsRequest.FromString,
+                    response_serializer=index__server_dot___proto_dot_knn__pb2.FetchVectorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class KnnShard:
             '/tttnn.knn.v1.KnnShard/Info',
             index__server_dot___proto_dot_knn__pb2.InfoRequest.SerializeToString,
             index__server_dot___proto_dot_knn__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchVectors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tttnn.knn.v1.KnnShard/FetchVectors',
+            index__server_dot___proto_dot_knn__pb2.FetchVectorsRequest.SerializeToString,
+            index__server_dot___proto_dot_knn__pb2.FetchVectorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
