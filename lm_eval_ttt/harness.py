@@ -1,145 +1,205 @@
-"""Common base of every ttt-nn harness model: one document at a time, logged and resumable.
+"""Common base of every ttt-nn harness model: documents retrieved for, scored, logged, resumed.
 
-``NeighbourLM`` is an HFLM that scores ``loglikelihood_rolling`` requests one document at
-a time through ``score_document(request) -> record``. It owns what all methods share so
-their numbers are comparable: the retriever and its neighbour cache (same index, same
-neighbours), the per-document JSONL log named by a hash of every setting that changes a
-score, and resume from that log. Subclasses add their own settings and scoring.
+``NeighbourLM`` is an HFLM that adds one concern, as lm-eval's ``hf_steered`` does: it owns,
+for every request type the harness sends (``loglikelihood_rolling``, ``loglikelihood``,
+``generate_until``), the loop
+
+    group requests into documents -> skip documents already in the log -> retrieve every
+    remaining document's neighbours up front (batched) -> per document (or batch of
+    documents): the method scores it given its neighbours -> log it -> answer the harness
+
+Methods (ttt-nn and its baselines) only say how to score documents given neighbours
+(``score_document``), using ``stock_results`` for the harness's own scoring with the current
+weights. Everything that makes numbers comparable and trustworthy lives here once: the
+settings identity (every argument that can change a score, HFLM's included, derived from
+the constructor's arguments), the per-document log and resume, refusing ``--use_cache``
+(keyed on request text only), the harness seed, one batch-size detection, and rank-local
+scoring: no collective inside a document, so data-parallel ranks with uneven shares,
+padding copies or resumed documents cannot deadlock.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import logging
+import math
+import time
 from pathlib import Path
 
+import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
+from index_server.options import IndexOptions
+
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
-from .retriever import Neighbours, Retriever, RetrieverConfig, text_key
-from .ttt import default_lr
+from .documents import REQUEST_TYPES, Document, group_documents, scatter
+from .retriever import Neighbours, Retriever, SelectionConfig
+from .runlog import RunLog, global_rank, read_log
+from .settings import (ALIASES, ModelArgumentError, NeighbourSettings, hf_scoring_values, parse_model_args,
+                       scoring_values)
 
-QUERIES = ("full", "prefix")
-
-
-def as_bool(value) -> bool:
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    return bool(value)
+LOG_FORMAT = 2  # bump when the meaning of a logged score changes
+log = logging.getLogger("lm_eval_ttt")
 
 
-def as_int_or_none(value) -> int | None:
-    """lm-eval hands "-1" over as -1.0 and "none" as None; negative means none."""
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        return None
-    number = int(float(value))
-    return None if number < 0 else number
+def harness_output_path() -> Path | None:
+    """``--output_path`` of the running evaluation, when the model is built inside
+    ``simple_evaluate`` (its ``evaluation_tracker`` is on the call stack then)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        tracker = frame.f_locals.get("evaluation_tracker")
+        path = getattr(tracker, "output_path", None)
+        if path:
+            path = Path(path)
+            return path.parent if path.suffix == ".json" else path
+        frame = frame.f_back
+    return None
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Config plus the first values of every tensor: different weights, different hash."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        head = tensor.detach().reshape(-1)[:16].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 class NeighbourLM(HFLM):
-    """Base of ttt-nn and its baselines. ``uses_retrieval = False`` skips the index."""
+    """Base of ttt-nn and its baselines; see the module docstring."""
 
     method = "base"
+    setting_groups: tuple[type, ...] = (NeighbourSettings,)
+    request_types: tuple[str, ...] = REQUEST_TYPES
     uses_retrieval = True
 
-    def __init__(
-        self,
-        pretrained: str | None = None,
-        index: str | None = None,
-        k: int = 20,
-        query: str = "full",
-        exclude_duplicates: bool = False,
-        seed: int = 1234,
-        failure_policy: str = "fail",
-        retrieval_timeout: float = 30.0,
-        neighbour_cache: str | None = None,
-        log_dir: str = "ttt-nn-logs",
-        resume: bool = True,
-        dtype: str = "float32",
-        **kwargs,
-    ) -> None:
+    def __init__(self, pretrained=None, retriever: Retriever | None = None, **kwargs) -> None:
+        harness_seed = torch.initial_seed()  # --seed's torch seed, set before the model is built
+        groups, hf_kwargs = parse_model_args(self.setting_groups, kwargs)  # errors before any loading
+        self.settings_groups = groups
+        self.neighbour_settings: NeighbourSettings = groups[0]
+        self.check_settings(hf_kwargs)
+        s = self.neighbour_settings
+        if retriever is not None and s.index is not None:
+            raise ModelArgumentError("pass either index= or an already built retriever, not both")
+        if not isinstance(pretrained, (str, type(None), Path)) and hf_kwargs.get("tokenizer") is None:
+            raise ModelArgumentError("a model object needs its tokenizer object: tokenizer=...")
+        self._hf_kwargs = dict(hf_kwargs)
+        self._pretrained_name = str(pretrained) if isinstance(pretrained, (str, Path)) else None
         pretrained = str(bundled_lm_path()) if pretrained is None else pretrained
-        super().__init__(pretrained=pretrained, dtype=dtype, **kwargs)
-        if query not in QUERIES:
-            raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
-        self.k = (as_int_or_none(k) or 0) if self.uses_retrieval else 0
-        self.query = query
-        self.seed = int(float(seed))
-        self.resume = as_bool(resume)
-        self.retriever = None
-        if self.uses_retrieval:
-            self.retriever = Retriever(
-                RetrieverConfig(
-                    index=str(index) if index is not None else str(ensure_default_index()),
-                    failure_policy=failure_policy,
-                    timeout_s=float(retrieval_timeout),
-                    cache_dir=Path(neighbour_cache) if neighbour_cache else ttt_home() / "neighbour-cache",
-                    exclude_duplicates=as_bool(exclude_duplicates),
-                    device=str(self.device),
-                )
-            )
-        self._base_settings = {
+        if isinstance(pretrained, Path):
+            pretrained = str(pretrained)
+        output = harness_output_path()
+        self.log_dir = Path(s.log_dir) if s.log_dir else (output / "ttt-nn-logs" if output else Path("ttt-nn-logs"))
+        super().__init__(pretrained=pretrained, **hf_kwargs)
+        self.seed = s.seed if s.seed is not None else harness_seed
+        self.k = s.k if self.uses_retrieval else 0
+        self.retriever = retriever
+        if self.retriever is None and self.uses_retrieval and self.k > 0:
+            self.retriever = self.open_retriever(s)
+        self._identity: dict | None = None
+        self._summary = {"scored": 0, "resumed": 0, "degraded": 0}
+
+    # -- settings -------------------------------------------------------------------------
+    def check_settings(self, hf_kwargs: dict) -> None:
+        """Reject invalid combinations before the model loads (subclasses extend)."""
+        s = self.neighbour_settings
+        if s.alpha is not None and s.select != "sift":
+            raise ModelArgumentError("alpha (adaptive compute) needs select=sift")
+
+    def settings_of(self, group: type):
+        return next(g for g in self.settings_groups if isinstance(g, group))
+
+    def open_retriever(self, s: NeighbourSettings) -> Retriever:
+        options = IndexOptions(
+            timeout_s=s.retrieval_timeout, failure_policy=s.failure_policy,
+            token_file=Path(s.index_token_file) if s.index_token_file else None,
+            tls_ca=Path(s.index_tls_ca) if s.index_tls_ca else None, nprobe=s.index_nprobe,
+            ef_search=s.index_ef_search, corpus_root=Path(s.corpus_root) if s.corpus_root else None,
+        )
+        selection = SelectionConfig(select=s.select, candidates=s.candidates, sift_lambda=s.sift_lambda, alpha=s.alpha,
+                                    max_distance=s.max_distance, exclude_duplicates=s.exclude_duplicates)
+        cache = Path(s.neighbour_cache) if s.neighbour_cache else ttt_home() / "neighbour-cache"
+        spec = s.index if s.index is not None else str(ensure_default_index())
+        return Retriever.open(spec, options, selection, cache, device=str(self.device))
+
+    def identity(self) -> dict:
+        """Everything that can change a score; its hash names the log."""
+        index = None
+        if self.retriever is not None:
+            options = getattr(self.retriever.index, "options", IndexOptions())
+            index = {"identity": self.retriever.manifest.identity, "nprobe": options.nprobe,
+                     "ef_search": options.ef_search, "refine_factor": options.refine_factor}
+        return {
+            "format": LOG_FORMAT,
             "method": self.method,
-            "model": str(pretrained),
-            "dtype": str(dtype),
+            "pretrained": self._pretrained_name,
+            "model": model_fingerprint(self.model),
+            "tokenizer": [getattr(self.tokenizer, "name_or_path", None), len(self.tokenizer)],
+            "hf": hf_scoring_values(self._hf_kwargs),
             "max_length": self.max_length,
             "seed": self.seed,
-            "index_identity": self.retriever.manifest.identity if self.retriever else None,
-            "k": self.k,
-            "query": query if self.retriever else None,
-            "exclude_duplicates": self.retriever.config.exclude_duplicates if self.retriever else None,
+            "index": index,
+            **{k: v for g in self.settings_groups for k, v in scoring_values(g).items()},
         }
-        self.log_dir = Path(log_dir)
 
-    def learning_rate(self, lr: float | str | None) -> float:
-        """The given lr, else the paper's default for this model's size."""
-        return float(lr) if lr is not None else default_lr(sum(p.numel() for p in self.model.parameters()))
-
-    # -- settings and log -------------------------------------------------------------------
-    def method_settings(self) -> dict:
-        """Settings of the subclass that change scores; part of the log file's hash."""
-        return {}
+    def _identity_json(self) -> str:
+        """The identity, fixed at first use (after subclasses finished setting the model up)."""
+        if self._identity is None:
+            self._identity = json.loads(json.dumps(self.identity(), sort_keys=True, default=str))
+        return json.dumps(self._identity, sort_keys=True)
 
     @property
-    def settings(self) -> dict:
-        return {**self._base_settings, **self.method_settings()}
+    def log_stem(self) -> Path:
+        return self.log_dir / f"{self.method}-{hashlib.sha256(self._identity_json().encode()).hexdigest()[:16]}"
 
-    @property
-    def log_path(self) -> Path:
-        key = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
-        return self.log_dir / f"{self.method}-{key}.jsonl"
+    def tuned(self) -> dict | None:
+        """The ``tuned=`` record: which value was chosen on which validation documents.
+        Refuses a tune.json of another method or whose chosen value this run does not use."""
+        path = self.neighbour_settings.tuned
+        if path is None:
+            return None
+        try:
+            data = json.loads(Path(path).read_text())
+            param, chosen = ALIASES.get(data["param"], data["param"]), data["chosen"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelArgumentError(f"tuned={path}: not a tune.json written by `ttt-nn tune` ({e})") from e
+        used = json.loads(self._identity_json()).get(param)
+        if data["method"] != self.method or used is None or not math.isclose(float(used), float(chosen), rel_tol=1e-9):
+            raise ModelArgumentError(f"tuned={path} chose {data['param']}={chosen} for {data['method']}, but this run is "
+                                     f"{self.method} with {data['param']}={used}")
+        return {"param": data["param"], "value": chosen, "reason": data.get("reason"), "file": str(path),
+                "validation": data["validation"]}
 
     def get_model_info(self) -> dict:
-        """Lands in the harness results JSON, so ``ttt-nn report`` can find the log."""
-        return {**super().get_model_info(), "ttt_nn": {"log": str(self.log_path.resolve()), "settings": self.settings}}
+        """Lands in the harness results JSON: the log, the settings, and degraded documents."""
+        records = read_log(self.log_stem).values()
+        degraded = [r for r in records if r.get("missing_shards")]
+        return {**super().get_model_info(), "ttt_nn": {
+            "log": str(self.log_stem.resolve()),
+            "settings": json.loads(self._identity_json()),
+            "documents_in_log": len(records),
+            "this_process": dict(self._summary),
+            "degraded_documents": len(degraded),
+            "missing_shards": sorted({s for r in degraded for s in r["missing_shards"]}),
+            "tuned": self.tuned(),
+        }}
 
-    def _finished(self) -> dict[str, dict]:
-        if not (self.resume and self.log_path.is_file()):
-            return {}
-        with open(self.log_path, encoding="utf-8") as f:
-            return {r["doc_hash"]: r for r in map(json.loads, filter(str.strip, f))}
-
-    # -- documents --------------------------------------------------------------------------
-    def query_text(self, request: Instance) -> str:
-        """What retrieval sees: the scored text, or under the split protocol its prefix."""
-        if self.query == "full":
-            return request.args[0]
-        prefix = (request.doc or {}).get("prefix")
-        if prefix is None:
+    def set_cache_hook(self, cache_hook) -> None:
+        if getattr(cache_hook, "dbdict", None) is not None:
             raise ValueError(
-                "query=prefix needs a split task whose documents carry a 'prefix' field "
-                "(e.g. ttt_stdlib_code_split, or dataset_kwargs split_prefix: 0.5)"
-            )
-        return prefix
+                f"--use_cache is refused for --model {self.method}: the harness keys its cache on the request text "
+                f"only, so a run with other settings (another k, lr, index) would get stale scores. ttt-nn keeps its "
+                f"own per-document log keyed on every setting instead (resume=true, log_dir=...)")
+        super().set_cache_hook(cache_hook)
 
-    def neighbours(self, request: Instance) -> Neighbours:
-        return self.retriever.retrieve(self.query_text(request), self.k) if self.k else Neighbours([], [], [])
-
+    # -- scoring with the current weights ------------------------------------------------
     def windows(self, text: str, max_seq_len: int | None = None) -> list[tuple[list[int], list[int]]]:
         """HFLM's disjoint rolling windows (context, continuation): every token scored once."""
         return [
@@ -152,29 +212,126 @@ class NeighbourLM(HFLM):
             )
         ]
 
-    def hf_score(self, request: Instance) -> float:
-        """The stock HFLM rolling log-likelihood of one document with the current weights."""
-        return HFLM.loglikelihood_rolling(self, [request], disable_tqdm=True)[0]
+    def score_windows(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """HFLM's token scoring of (context, continuation) pairs, batched as HFLM batches a
+        rolling document: rank-local (no collective) and without progress bars."""
+        out = []
+        for i in range(0, len(windows), self.batch_size):
+            batch = [(None, ctx, cont) for ctx, cont in windows[i : i + self.batch_size]]
+            out += self._loglikelihood_tokens(batch, disable_tqdm=True, override_bs=len(batch))
+        return out
 
-    def score_document(self, request: Instance) -> dict:
-        """Log record of one document; must hold ``loglikelihood``."""
+    def encode_pairs(self, document: Document) -> list[tuple[list[int], list[int]]]:
+        """Token (context, continuation) of each loglikelihood request, exactly as HFLM
+        encodes them (an empty context becomes the prefix token)."""
+        pairs = []
+        for context, continuation in (r.args for r in document.requests):
+            if context == "":
+                cont = self.tok_encode(continuation, add_special_tokens=False)
+                pairs.append(([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:]))
+            else:
+                pairs.append(self._encode_pair(context, continuation))
+        return pairs
+
+    def stock_results(self, document: Document) -> list:
+        """The harness's answers for the document's requests with the current weights."""
+        if document.request_type == "loglikelihood_rolling":
+            return [sum(ll for ll, _ in self.score_windows(self.windows(document.text)))]
+        if document.request_type == "loglikelihood":
+            return [list(r) for r in self.score_windows(self.encode_pairs(document))]
+        return HFLM.generate_until(self, document.requests, disable_tqdm=True)
+
+    # -- what methods implement ------------------------------------------------------------
+    def score_document(self, document: Document, neighbours: Neighbours) -> dict:
+        """Log fields of one document; ``results`` holds one answer per document request."""
         raise NotImplementedError
 
+    def score_documents(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
+        """A batch of documents (one unless the method batches, e.g. LoRA doc_batch)."""
+        return [self.score_document(d, n) for d, n in zip(documents, neighbours)]
+
+    def document_batches(self, documents: list[Document]) -> list[list[Document]]:
+        return [[d] for d in documents]
+
+    # -- the loop ---------------------------------------------------------------------------
+    def exclude_ids(self, document: Document) -> frozenset[int]:
+        """Corpus ids a document must not retrieve: its own, for validation documents drawn
+        from the index's corpus (``ttt_nn_corpus_id`` in the task's document)."""
+        own = (document.doc or {}).get("ttt_nn_corpus_id")
+        return frozenset([int(own)]) if own is not None else frozenset()
+
+    def _fix_batch_size(self) -> None:
+        """``batch_size=auto`` is detected once per model, not once per document."""
+        if str(self.batch_size_per_gpu).startswith("auto"):
+            self.batch_size_per_gpu = self._detect_batch_size()
+            self.batch_sizes[0] = self.batch_size_per_gpu
+            log.info("ttt-nn: batch size %d for this run", self.batch_size_per_gpu)
+
+    def _neighbours(self, document: Document) -> tuple[Neighbours, float]:
+        start = time.perf_counter()
+        if self.retriever is None or self.k == 0:
+            return Neighbours([], [], []), 0.0
+        query = document.query(self.neighbour_settings.query)
+        return self.retriever.neighbours(query, self.k, self.exclude_ids(document)), time.perf_counter() - start
+
+    def _prefetch(self, documents: list[Document]) -> None:
+        if self.retriever is None or self.k == 0 or not documents:
+            return
+        excluded = max(len(self.exclude_ids(d)) for d in documents)
+        queries = [d.query(self.neighbour_settings.query) for d in documents]
+        stats = self.retriever.prefetch(queries, self.retriever.fetch_k(self.k, excluded),
+                                        batch=self.neighbour_settings.retrieval_batch, progress=self.rank == 0)
+        log.info("ttt-nn: retrieved %d queries up front in %.1f s", stats["searched"], stats["seconds"])
+
+    def _run(self, request_type: str, requests: list[Instance], disable_tqdm: bool) -> list:
+        if request_type not in self.request_types:
+            raise NotImplementedError(
+                f"--model {self.method} cannot answer {request_type} requests (supports: "
+                f"{', '.join(self.request_types)}); run those tasks with another model")
+        self.tuned()  # a wrong tuned= fails before any work
+        documents = group_documents(request_type, requests)
+        if documents:
+            self._fix_batch_size()
+        degraded = []
+        stem = self.log_stem
+        with RunLog(stem.parent, stem.name, json.loads(self._identity_json()), global_rank(self.rank)) as run_log:
+            finished = run_log.finished(self.neighbour_settings.resume)
+            todo = [d for d in documents if d.key not in finished]
+            self._summary["resumed"] += len(documents) - len(todo)
+            self._prefetch(todo)
+            with tqdm(total=len(todo), desc=f"{self.method} k={self.k} {request_type}",
+                      disable=disable_tqdm or self.rank != 0 or not todo) as bar:
+                for batch in self.document_batches(todo):
+                    found = [self._neighbours(d) for d in batch]
+                    records = self.score_documents(batch, [n for n, _ in found])
+                    for document, (neighbours, seconds), record in zip(batch, found, records):
+                        record = {"doc_key": document.key, "request_type": request_type, "task": document.task,
+                                  "doc_id": document.doc_id, "bytes": len(document.text.encode("utf-8")),
+                                  **neighbours.record(), "retrieve_s": seconds, **record}
+                        run_log.append(record)
+                        finished[document.key] = record
+                        self._summary["scored"] += 1
+                        if neighbours.missing_shards:
+                            degraded.append(neighbours.missing_shards)
+                    bar.update(len(batch))
+        if degraded:
+            self._summary["degraded"] += len(degraded)
+            log.warning("ttt-nn: %d of %d documents were scored from degraded retrievals (shards %s down); they are "
+                        "logged as such and will be scored again by the next run", len(degraded), len(documents),
+                        sorted({s for m in degraded for s in m}))
+        answers = [finished[d.key]["results"] for d in documents]
+        out = scatter(documents, answers, len(requests))
+        if request_type == "loglikelihood":
+            out = [tuple(a) for a in out]
+        for request, answer in zip(requests, out):
+            self.cache_hook.add_partial(request_type, request.args, answer)
+        return out
+
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        finished = self._finished()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.with_suffix(".settings.json").write_text(json.dumps(self.settings, indent=2) + "\n")
-        results = []
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            for request in tqdm(requests, desc=f"{self.method} k={self.k}", disable=disable_tqdm or self.rank != 0):
-                doc_hash = text_key(request.args[0])
-                record = finished.get(doc_hash)
-                if record is None:
-                    record = {"doc_hash": doc_hash, "bytes": len(request.args[0].encode("utf-8")),
-                              **self.score_document(request)}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    finished[doc_hash] = record
-                results.append(record["loglikelihood"])
-                self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), record["loglikelihood"])
-        return results
+        return self._run("loglikelihood_rolling", requests, disable_tqdm)
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._run("loglikelihood", requests, disable_tqdm)
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        return self._run("generate_until", requests, disable_tqdm)

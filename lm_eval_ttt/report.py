@@ -1,21 +1,23 @@
-"""``ttt-nn report``: one Markdown table and three plots from harness results.
+"""``ttt-nn report``: Markdown tables and plots from harness results.
 
 Reads the harness's ``results_*.json`` (any model: ``--model hf`` is the base) and, for our
-models, the per-document JSONL whose path the model wrote into the results
-(``config.ttt_nn.log``). The table has one row per task and method: bits per byte, byte and
-word perplexity, the fraction of the base model's bits per byte kept, documents, wall time.
-Plots: bits per byte versus k per task (from ``eval_at_k`` scores), before/after bars per
-task and method, and training seconds per neighbour.
+models, the per-document log whose stem the model wrote into the results
+(``config.ttt_nn.log``; every rank's file is read). Tables: one row per task and method
+(bits per byte, byte and word perplexity, the fraction of the base model's bits per byte
+kept, documents, gradient steps per document, wall time), and bits per byte against gradient
+steps spent, so nearest, SIFT and adaptive selection compare at equal compute. Plots: bits
+per byte versus k per task (from ``eval_at_k`` scores), versus gradient steps, before/after
+bars per task and method, and training seconds per neighbour.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+from .metrics import METRICS, bits_per_byte
+from .runlog import read_log
 
 
 @dataclass
@@ -29,6 +31,11 @@ class Run:
     wall_s: float
     records: list[dict] = field(default_factory=list)
 
+    @property
+    def steps_per_document(self) -> float | None:
+        docs = [r for r in self.records if "train_steps" in r]
+        return sum(r["train_steps"] for r in docs) / len(docs) if docs else None
+
 
 def _label(config: dict) -> tuple[str, str]:
     info = config.get("ttt_nn")
@@ -36,27 +43,29 @@ def _label(config: dict) -> tuple[str, str]:
         return config.get("model", "?"), config.get("model", "?")
     s = info["settings"]
     method = s["method"]
-    detail = {
-        "ttt-nn": lambda: f"k={s['k']}" + (" farthest-first" if s.get("order") == "farthest" else ""),
-        "ttt-nn-context": lambda: f"k={s['k']}",
-        "ttt-nn-interp": lambda: f"k={s['k']} lambda={s['lambda']}",
-        "ttt-nn-dyneval": lambda: f"iterations={s['iterations']}",
-    }.get(method, lambda: "")()
+    parts = {
+        "ttt-nn": [f"k={s['k']}", "farthest-first" if s.get("order") == "farthest" else ""],
+        "ttt-nn-context": [f"k={s['k']}"],
+        "ttt-nn-interp": [f"k={s['k']}", f"lambda={s.get('lam')}"],
+        "ttt-nn-dyneval": [f"iterations={s.get('iterations')}"],
+    }.get(method, [])
+    if method in ("ttt-nn", "ttt-nn-context", "ttt-nn-interp") and s.get("select") == "sift":
+        parts += [f"sift K={s['candidates']} lambda'={s['sift_lambda']}",
+                  f"alpha={s['alpha']}" if s.get("alpha") is not None else ""]
+    if s.get("adapter") == "lora":
+        parts.append(f"LoRA r={s['lora_r']}")
     if s.get("query") == "prefix":
-        detail += " prefix-query"
-    return method, f"{method} {detail}".strip()
-
-
-def _records(config: dict) -> list[dict]:
-    log = (config.get("ttt_nn") or {}).get("log")
-    if not log or not Path(log).is_file():
-        return []
-    with open(log, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        parts.append("prefix-query")
+    tuned = info.get("tuned")
+    if tuned:
+        parts.append(f"({tuned['param']}={tuned['value']} tuned on {tuned['validation']['count']} validation docs)")
+    return method, " ".join([method] + [p for p in parts if p])
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
     """Every (results file, task) pair under the given files or directories."""
+    import json
+
     files = []
     for path in map(Path, paths):
         files += sorted(path.rglob("results_*.json")) if path.is_dir() else [path]
@@ -65,8 +74,10 @@ def load_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for file in files:
         data = json.loads(file.read_text())
-        method, label = _label(data.get("config", {}))
-        records = _records(data.get("config", {}))
+        config = data.get("config", {})
+        method, label = _label(config)
+        log = (config.get("ttt_nn") or {}).get("log")
+        records = list(read_log(Path(log)).values()) if log else []
         for task, row in data["results"].items():
             if f"{METRICS[0]},none" not in row:
                 continue
@@ -75,7 +86,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
                 metrics={m: float(row[f"{m},none"]) for m in METRICS},
                 documents=int(data.get("n-samples", {}).get(task, {}).get("effective", 0)),
                 wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
-                records=records,
+                records=[r for r in records if r.get("task") in (task, None)],
             ))
     return runs
 
@@ -85,30 +96,45 @@ def _base(runs: list[Run], task: str) -> Run | None:
 
 
 def markdown_table(runs: list[Run]) -> str:
-    lines = ["| task | method | bits/byte | byte ppl | word ppl | bpb kept vs hf | documents | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | bits/byte | byte ppl | word ppl | bpb kept vs hf | documents | steps/doc | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: (r.task, r.method != "hf", r.label)):
         base = _base(runs, run.task)
         kept = f"{run.metrics['bits_per_byte'] / base.metrics['bits_per_byte']:.1%}" if base else "-"
+        steps = run.steps_per_document
         m = run.metrics
         lines.append(f"| {run.task} | {run.label} | {m['bits_per_byte']:.4f} | {m['byte_perplexity']:.4f} | "
-                     f"{m['word_perplexity']:.2f} | {kept} | {run.documents} | {run.wall_s:.0f} |")
+                     f"{m['word_perplexity']:.2f} | {kept} | {run.documents} | "
+                     f"{'-' if steps is None else f'{steps:.1f}'} | {run.wall_s:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def curve_points(run: Run) -> list[tuple[int, float]]:
-    """(k, bits per byte over the logged documents) from ``loglikelihood_at_k``."""
-    docs = [r for r in run.records if "loglikelihood_at_k" in r]
+def curve_points(run: Run) -> list[tuple[int, float, float]]:
+    """(k, gradient steps per document up to k, bits per byte) from ``results_at_k``."""
+    docs = [r for r in run.records if "results_at_k" in r and r.get("request_type") == "loglikelihood_rolling"]
     if not docs:
         return []
     total_bytes = sum(r["bytes"] for r in docs)
-    ks = sorted({int(k) for r in docs for k in r["loglikelihood_at_k"]})
+    ks = sorted({int(k) for r in docs for k in r["results_at_k"]})
     points = []
     for k in ks:
         # a document with fewer neighbours than k contributes its largest k
-        lls = [r["loglikelihood_at_k"].get(str(k), r["loglikelihood"]) for r in docs]
-        points.append((k, -sum(lls) / total_bytes / math.log(2)))
+        lls = [r["results_at_k"].get(str(k), r["results"])[0] for r in docs]
+        steps = sum(len(losses) for r in docs for losses in r.get("chunk_losses", [])[:k]) / len(docs)
+        points.append((k, steps, bits_per_byte(lls, total_bytes)))
     return points
+
+
+def steps_table(runs: list[Run]) -> str:
+    """Bits per byte against gradient steps per document, every scoring point of every run."""
+    lines = ["| task | method | k | steps/doc | bits/byte |", "|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r.task, r.label)):
+        points = curve_points(run)
+        if not points and run.steps_per_document is not None:
+            points = [("-", run.steps_per_document, run.metrics["bits_per_byte"])]
+        for k, steps, bpb in points:
+            lines.append(f"| {run.task} | {run.label} | {k} | {steps:.1f} | {bpb:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pyplot():
@@ -128,20 +154,22 @@ def _save(fig, out: Path) -> Path:
     return out
 
 
-def plot_curves(runs: list[Run], out: Path) -> Path:
+def _plot_curves(runs: list[Run], out: Path, x: int, xlabel: str) -> Path:
     plt = _pyplot()
     tasks = sorted({r.task for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for run in (r for r in runs if r.task == task):
             points = curve_points(run)
             if len(points) > 1:
-                ax.plot(*zip(*points), marker="o", label=run.label)
+                ax.plot([p[x] for p in points], [p[2] for p in points], marker="o", label=run.label)
+            elif run.steps_per_document is not None and x == 1:
+                ax.plot([run.steps_per_document], [run.metrics["bits_per_byte"]], marker="s", label=run.label)
         base = _base(runs, task)
         if base:
             ax.axhline(base.metrics["bits_per_byte"], color="grey", linestyle="--", label="hf (base)")
-        ax.set(title=task, xlabel="neighbours trained on (k)", ylabel="bits per byte")
-        ax.legend(fontsize=8)
+        ax.set(title=task, xlabel=xlabel, ylabel="bits per byte")
+        ax.legend(fontsize=7)
     return _save(fig, out)
 
 
@@ -152,7 +180,8 @@ def plot_bars(runs: list[Run], out: Path) -> Path:
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(4 + 0.6 * len(tasks) * len(labels), 4))
     for i, label in enumerate(labels):
-        values = [next((r.metrics["bits_per_byte"] for r in runs if r.task == t and r.label == label), math.nan) for t in tasks]
+        values = [next((r.metrics["bits_per_byte"] for r in runs if r.task == t and r.label == label), math.nan)
+                  for t in tasks]
         bars = ax.bar([j + i * width for j in range(len(tasks))], values, width, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(tasks))], tasks)
@@ -165,9 +194,9 @@ def plot_cost(runs: list[Run], out: Path) -> Path:
     plt = _pyplot()
     rows = []
     for run in runs:
-        docs = [r for r in run.records if r.get("neighbours_found") and "train_s" in r]
+        docs = [r for r in run.records if r.get("neighbour_ids") and "train_s" in r]
         if docs:
-            per_neighbour = sum(r["train_s"] for r in docs) / sum(r["neighbours_found"] for r in docs)
+            per_neighbour = sum(r["train_s"] for r in docs) / sum(len(r["neighbour_ids"]) for r in docs)
             rows.append((f"{run.task}\n{run.label}", per_neighbour))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     if rows:
@@ -180,9 +209,10 @@ def plot_cost(runs: list[Run], out: Path) -> Path:
 def write_report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     runs = load_runs(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(runs)
-    plots = [plot_curves(runs, out_dir / "bpb_vs_k.png"), plot_bars(runs, out_dir / "bpb_by_method.png"),
-             plot_cost(runs, out_dir / "train_cost.png")]
+    table = markdown_table(runs) + "\n" + steps_table(runs)
+    plots = [_plot_curves(runs, out_dir / "bpb_vs_k.png", 0, "neighbours trained on (k)"),
+             _plot_curves(runs, out_dir / "bpb_vs_steps.png", 1, "gradient steps per document"),
+             plot_bars(runs, out_dir / "bpb_by_method.png"), plot_cost(runs, out_dir / "train_cost.png")]
     body = "# ttt-nn report\n\n" + table + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
     (out_dir / "report.md").write_text(body)
     return table, plots

@@ -1,28 +1,44 @@
-"""One retriever over two backends: the in-process index (default) or gRPC shard servers.
+"""Neighbours of a document: retrieval, the neighbour cache, filters and selection.
 
-The harness model only sees ``Retriever.retrieve(text, k) -> Neighbours``. Queries are
-embedded here, once, with the encoder the index manifest names, so the model never needs to
-know which backend answers or how the shards are laid out. Neighbour ids are cached on disk
-(``NeighbourCache``): neighbours do not depend on the LM, so one retrieval serves every model
-and every smaller k.
+The harness models only see ``Retriever.neighbours(text, k) -> Neighbours`` (and
+``prefetch`` to retrieve a whole rank's documents up front in batches). Queries are embedded
+here with the encoder the index manifest names; the index itself comes from
+``index_server.open_index`` with every option, so the model never knows which backend
+answers or how shards lie on disk.
+
+Stages: candidates (the index's top K, cached on disk per query: neighbours do not depend on
+the LM, so one retrieval serves every model, k and selector) -> filters (ids excluded by the
+caller, ``max_distance``, near-duplicates of the query) -> selection (``nearest`` or
+``sift``, see ``selection.py``) -> texts of the selected neighbours. A degraded answer (a
+shard down under ``failure_policy=degrade``) is returned with its missing shards and never
+cached.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index_server.client import ClientConfig, GrpcIndex, parse_addresses
+import numpy as np
+from tqdm.auto import tqdm
+
 from index_server.encoder import EncoderConfig, TextEncoder
-from index_server.search import LocalIndex
+from index_server.options import IndexOptions, open_index
+
+from .documents import text_key
+from .jsonl import append_record, lock_for, read_records
+from .selection import (STOP_DISTANCE, STOP_EXHAUSTED, STOP_K, STOP_NONE, Selection, select_sift, sigmas_of)
 
 # Two texts are near-exact copies when this fraction of their word 5-grams is shared
 # (Jaccard). Catches the same file with edited whitespace, headers or a few lines changed.
 DUPLICATE_JACCARD = 0.8
 _SHINGLE = 5
+_SIFT_ROUNDS = 10  # re-selections after dropping picked near-duplicates
 
 
 class RetrievalError(RuntimeError):
@@ -31,16 +47,22 @@ class RetrievalError(RuntimeError):
 
 @dataclass
 class Neighbours:
-    ids: list[int]
+    ids: list[int]  # in training order; SIFT may repeat an id
     distances: list[float]
     texts: list[str]
+    sigmas: list[float] | None = None  # the query's posterior std after each step (None: no vectors)
+    stop_reason: str = STOP_NONE
+    candidates: int = 0
     missing_shards: list[int] = field(default_factory=list)
-    excluded_duplicates: list[int] = field(default_factory=list)
+    excluded: list[int] = field(default_factory=list)  # near-duplicates and excluded ids
     cached: bool = False
+    vectors: str | None = None  # where candidate vectors came from
 
-
-def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    def record(self) -> dict:
+        """The fields of a per-document log record that describe the neighbours."""
+        return {"neighbour_ids": self.ids, "distances": self.distances, "sigmas": self.sigmas,
+                "stop_reason": self.stop_reason, "candidates": self.candidates,
+                "missing_shards": self.missing_shards, "excluded": self.excluded, "vectors": self.vectors}
 
 
 def _shingles(text: str) -> set[tuple[str, ...]]:
@@ -53,88 +75,228 @@ def is_near_duplicate(a: str, b: str, threshold: float = DUPLICATE_JACCARD) -> b
     return len(sa & sb) / max(1, len(sa | sb)) >= threshold
 
 
+def _pack(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _unpack(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4")
+
+
+@dataclass
+class Candidates:
+    ids: list[int]
+    distances: list[float]
+    query: np.ndarray
+    missing_shards: list[int]
+    cached: bool
+
+
 class NeighbourCache:
-    """Append-only JSONL of raw retrievals for one index identity: (query hash, k) -> ids."""
+    """Append-only JSONL of raw retrievals for one index and search setting:
+    query hash -> (K, ids, distances, query vector). Safe with several writers."""
 
     def __init__(self, path: Path):
         self.path = path
         self._entries: dict[str, dict] = {}
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        entry = json.loads(line)
-                        if entry["k"] >= self._entries.get(entry["key"], {"k": -1})["k"]:
-                            self._entries[entry["key"]] = entry
+        self.reload()
 
-    def get(self, key: str, k: int) -> tuple[list[int], list[float]] | None:
+    def reload(self) -> None:
+        for entry in read_records(self.path):
+            if entry.get("k", -1) >= self._entries.get(entry.get("key"), {"k": -1})["k"]:
+                self._entries[entry["key"]] = entry
+
+    def get(self, key: str, k: int) -> Candidates | None:
         entry = self._entries.get(key)
         if entry is None or entry["k"] < k:
             return None
-        return entry["ids"][:k], entry["distances"][:k]
+        return Candidates(entry["ids"][:k], entry["distances"][:k], _unpack(entry["query"]), [], True)
 
-    def put(self, key: str, k: int, ids: list[int], distances: list[float]) -> None:
-        entry = {"key": key, "k": k, "ids": ids, "distances": distances}
+    def put(self, key: str, k: int, found: Candidates) -> None:
+        entry = {"key": key, "k": k, "ids": found.ids, "distances": found.distances, "query": _pack(found.query)}
         self._entries[key] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        with lock_for(self.path):
+            append_record(self.path, entry)
 
 
 @dataclass(frozen=True)
-class RetrieverConfig:
-    index: str  # index directory, or grpc://host:port,host:port
-    failure_policy: str = "fail"
-    timeout_s: float = 30.0
-    cache_dir: Path | None = None
+class SelectionConfig:
+    select: str = "nearest"
+    candidates: int = 200
+    sift_lambda: float = 0.01
+    alpha: float | None = None
+    max_distance: float | None = None
     exclude_duplicates: bool = False
-    device: str = "cpu"
 
 
 class Retriever:
-    def __init__(self, config: RetrieverConfig):
-        self.config = config
-        if config.index.startswith("grpc://"):
-            self.backend = GrpcIndex(
-                ClientConfig(parse_addresses(config.index), timeout_s=config.timeout_s, failure_policy=config.failure_policy)
-            )
-        else:
-            self.backend = LocalIndex(config.index)
-        self.manifest = self.backend.manifest
+    def __init__(self, index, selection: SelectionConfig = SelectionConfig(), cache_dir: Path | None = None,
+                 device: str = "cpu"):
+        self.index = index
+        self.config = selection
+        self.manifest = index.manifest
+        if selection.max_distance is not None and self.manifest.metric != "l2":
+            raise ValueError("max_distance needs an l2 index (this one ranks by inner product)")
         encoder = self.manifest.encoder
-        self.encoder = TextEncoder(EncoderConfig(encoder["name_or_path"], encoder["max_tokens"]), device=config.device)
-        self.cache = NeighbourCache(config.cache_dir / f"{self.manifest.identity}.jsonl") if config.cache_dir else None
+        self.encoder = TextEncoder(EncoderConfig(encoder["name_or_path"], encoder["max_tokens"]), device=device)
+        self.cache = None
+        if cache_dir is not None:
+            options = getattr(index, "options", IndexOptions())
+            search = json.dumps([options.nprobe, options.ef_search, options.refine_factor if self.manifest.vectors
+                                 else None])
+            suffix = hashlib.sha256(search.encode()).hexdigest()[:8]
+            self.cache = NeighbourCache(Path(cache_dir) / f"{self.manifest.identity}-{suffix}.jsonl")
+        self._queries: dict[str, Candidates] = {}  # this process's retrievals, cached or not
 
-    def _search(self, text: str, k: int) -> tuple[list[int], list[float], list[int], bool]:
+    @classmethod
+    def open(cls, spec: str, options: IndexOptions, selection: SelectionConfig, cache_dir: Path | None,
+             device: str = "cpu") -> Retriever:
+        return cls(open_index(spec, options), selection, cache_dir, device)
+
+    def fetch_k(self, k: int, excluded: int = 0) -> int:
+        """Candidates to retrieve for k neighbours: K for SIFT, else k plus room for filters."""
+        if self.config.select == "sift":
+            return max(self.config.candidates, excluded + 1)
+        margin = max(5, k // 2) if self.config.exclude_duplicates else 0
+        return k + margin + excluded
+
+    # -- candidates -----------------------------------------------------------------------
+    def _lookup(self, key: str, k: int) -> Candidates | None:
+        found = self._queries.get(key)
+        if found is not None and len(found.ids) >= min(k, self.manifest.n_vectors):
+            return found
+        return self.cache.get(key, k) if self.cache else None
+
+    def _store(self, key: str, k: int, found: Candidates) -> None:
+        self._queries[key] = found
+        if self.cache and not found.missing_shards:  # never cache a degraded answer
+            self.cache.put(key, k, found)
+
+    def _search(self, keys: list[str], texts: list[str], k: int) -> list[Candidates]:
+        vectors = self.encoder.encode(texts)
+        result = self.index.search(vectors, min(k, self.manifest.n_vectors))
+        out = []
+        for key, vector, ids, distances, missing in zip(keys, vectors, result.ids, result.distances,
+                                                         result.missing_shards):
+            keep = ids >= 0
+            found = Candidates(ids[keep].tolist(), distances[keep].tolist(), vector, list(missing), False)
+            self._store(key, k, found)
+            out.append(found)
+        return out
+
+    def prefetch(self, texts: list[str], k: int, batch: int = 64, progress: bool = True) -> dict:
+        """Retrieve every uncached query up front: one embedding batch and one search call
+        (to every shard) per ``batch`` queries. Returns counts and seconds."""
+        start = time.perf_counter()
+        todo: dict[str, str] = {}
+        for text in texts:
+            key = text_key(text)
+            if key not in todo and self._lookup(key, k) is None:
+                todo[key] = text
+        keys = list(todo)
+        with tqdm(total=len(keys), desc="retrieve neighbours", unit="query", disable=not progress or not keys) as bar:
+            for i in range(0, len(keys), batch):
+                chunk = keys[i : i + batch]
+                try:
+                    self._search(chunk, [todo[key] for key in chunk], k)
+                except Exception as e:
+                    raise RetrievalError(f"retrieval failed for a batch of {len(chunk)} queries: {e}") from e
+                bar.update(len(chunk))
+        return {"queries": len(set(map(text_key, texts))), "searched": len(keys),
+                "seconds": time.perf_counter() - start}
+
+    def candidates(self, text: str, k: int) -> Candidates:
         key = text_key(text)
-        hit = self.cache.get(key, k) if self.cache else None
-        if hit is not None:
-            return hit[0], hit[1], [], True
-        result = self.backend.search(self.encoder.encode([text]), k)
-        keep = result.ids[0] >= 0
-        ids, distances = result.ids[0][keep].tolist(), result.distances[0][keep].tolist()
-        missing = result.missing_shards[0] if result.missing_shards else []
-        if self.cache and not missing:  # never cache a degraded answer
-            self.cache.put(key, k, ids, distances)
-        return ids, distances, missing, False
+        return self._lookup(key, k) or self._search([key], [text], k)[0]
 
-    def retrieve(self, text: str, k: int) -> Neighbours:
-        """The k nearest neighbours of ``text``, nearest first."""
+    # -- neighbours -----------------------------------------------------------------------
+    def _missing_of(self, ids: list[int]) -> list[int]:
+        return sorted({self.manifest.shard_of(i).index for i in ids})
+
+    def _nearest(self, text: str, found: Candidates, ids: list[int], distances: list[float], k: int,
+                 out: Neighbours) -> None:
+        for start in range(0, len(ids), max(k, 1)):
+            window = list(range(start, min(len(ids), start + max(k, 1))))
+            texts = self.index.texts([ids[i] for i in window])
+            for i, neighbour in zip(window, texts):
+                if len(out.ids) == k:
+                    break
+                if neighbour is None:
+                    out.missing_shards = sorted(set(out.missing_shards) | set(self._missing_of([ids[i]])))
+                elif self.config.exclude_duplicates and is_near_duplicate(text, neighbour):
+                    out.excluded.append(ids[i])
+                else:
+                    out.ids.append(ids[i])
+                    out.distances.append(distances[i])
+                    out.texts.append(neighbour)
+            if len(out.ids) == k:
+                break
+        vectors, source = self.index.vectors(out.ids) if out.ids else (None, None)
+        if vectors is not None:
+            out.sigmas = sigmas_of(found.query, vectors, list(range(len(out.ids))), self.config.sift_lambda)
+            out.vectors = source
+
+    def _candidate_vectors(self, ids: list[int]) -> tuple[np.ndarray, str]:
+        vectors, source = self.index.vectors(ids)
+        if vectors is None:  # lossy codes (PQ): embed the candidates' texts with the index's encoder
+            texts = self.index.texts(ids)
+            if any(t is None for t in texts):
+                raise RetrievalError("select=sift cannot re-embed candidates on a shard that is down")
+            vectors, source = self.encoder.encode(texts), "re-embedded"
+        return vectors, source
+
+    def _sift(self, text: str, found: Candidates, ids: list[int], distances: list[float], k: int,
+              out: Neighbours) -> None:
+        vectors, out.vectors = self._candidate_vectors(ids)
+        active = list(range(len(ids)))
+        for _ in range(_SIFT_ROUNDS):
+            picked: Selection = select_sift(found.query, vectors[active], k, self.config.sift_lambda,
+                                            self.config.alpha)
+            order = [active[j] for j in picked.order]
+            unique = sorted(set(order))
+            texts = dict(zip(unique, self.index.texts([ids[i] for i in unique])))
+            bad = {i for i, t in texts.items() if t is None
+                   or (self.config.exclude_duplicates and is_near_duplicate(text, t))}
+            if not bad:
+                break
+            for i in bad:
+                if texts[i] is None:
+                    out.missing_shards = sorted(set(out.missing_shards) | set(self._missing_of([ids[i]])))
+                else:
+                    out.excluded.append(ids[i])
+            active = [i for i in active if i not in bad]
+        else:
+            raise RetrievalError(f"select=sift kept picking near-duplicates after {_SIFT_ROUNDS} rounds")
+        out.ids = [ids[i] for i in order]
+        out.distances = [distances[i] for i in order]
+        out.texts = [texts[i] for i in order]
+        out.sigmas, out.stop_reason = picked.sigmas, picked.stop_reason
+
+    def neighbours(self, text: str, k: int, exclude_ids: frozenset[int] | set[int] = frozenset()) -> Neighbours:
+        """Up to k neighbours of ``text`` in training order, with how they were chosen."""
         if k <= 0:
-            return Neighbours([], [], [])
-        # Excluding duplicates may drop a few: ask for a margin so k remain.
-        fetch = k + max(5, k // 2) if self.config.exclude_duplicates else k
+            return Neighbours([], [], [], stop_reason=STOP_K)
         try:
-            ids, distances, missing, cached = self._search(text, fetch)
-            texts = self.backend.texts(ids)
+            found = self.candidates(text, self.fetch_k(k, len(exclude_ids)))
+            out = Neighbours([], [], [], candidates=len(found.ids), missing_shards=list(found.missing_shards),
+                             cached=found.cached, excluded=[i for i in found.ids if i in exclude_ids])
+            pairs = [(i, d) for i, d in zip(found.ids, found.distances) if i not in exclude_ids]
+            limit = self.config.max_distance
+            near = [(i, d) for i, d in pairs if limit is None or d <= limit]
+            ids, distances = [i for i, _ in near], [d for _, d in near]
+            if self.config.select == "sift":
+                self._sift(text, found, ids, distances, k, out)
+            else:
+                self._nearest(text, found, ids, distances, k, out)
+                out.stop_reason = STOP_K if len(out.ids) == k else STOP_EXHAUSTED
+            if len(near) < len(pairs) and out.stop_reason in (STOP_EXHAUSTED, STOP_NONE):
+                out.stop_reason = STOP_DISTANCE  # fewer than k because of the distance cut
+            return out
+        except RetrievalError:
+            raise
         except Exception as e:
             raise RetrievalError(f"retrieval failed for document {text_key(text)[:12]}: {e}") from e
-        excluded = []
-        if self.config.exclude_duplicates:
-            kept = [i for i, t in enumerate(texts) if not is_near_duplicate(text, t)]
-            excluded = [ids[i] for i in range(len(ids)) if i not in kept]
-            ids, distances, texts = ([seq[i] for i in kept] for seq in (ids, distances, texts))
-        return Neighbours(ids[:k], distances[:k], texts[:k], missing, excluded, cached)
 
     def close(self) -> None:
-        self.backend.close()
+        self.index.close()

@@ -1,8 +1,9 @@
-"""Dataset loaders for the task YAMLs in this folder (``custom_dataset: !function ...``).
+"""Dataset loaders of the task YAMLs in ``task_configs/ttt`` and ``task_configs/pile``.
 
-lm-eval calls them with the task's ``metadata`` (plus ``--metadata`` JSON keys) and
-``dataset_kwargs``. Paths come from there or from environment variables, never from the
-YAML, so the same files work on every machine.
+The YAMLs name them through one-line shims next to them (lm-eval's ``!function`` loads a
+file from the YAML's folder). lm-eval calls them with the task's ``metadata`` (plus
+``--metadata`` JSON keys) and ``dataset_kwargs``. Paths come from there or from environment
+variables, never from the YAML, so the same files work on every machine.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Shared fixtures: a private ttt-nn home, the default corpus and index built once per run
-with the README's own commands, and helpers to run the real CLIs in subprocesses."""
+with the README's own commands, a small index and a tiny random model (a saved small config
+with the bundled tokenizer) for fast unit tests, and helpers to run the real CLIs."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +15,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+TEST_TASKS = REPO / "tests" / "task_configs"
+TINY_CONFIG = REPO / "tests" / "assets" / "tiny-llama"
 
 
 def pytest_addoption(parser):
@@ -27,10 +32,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
+def run(*cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run a console script of this venv; fail the test with its output if it fails."""
     proc = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True, **kwargs)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
@@ -74,6 +79,51 @@ def small_corpus(default_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_index(small_corpus, tmp_path_factory) -> Path:
+    return build_small(small_corpus, tmp_path_factory.mktemp("small_index") / "index")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 1.6M-parameter random Llama with the bundled SmolLM2 tokenizer, saved like any HF
+    model: unit tests exercise the real transformers/lm-eval code paths in milliseconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_ttt.assets import BUNDLED_LM_GGUF, BUNDLED_LM_PACKAGE
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_CONFIG)).save_pretrained(out)
+    gguf_dir = importlib.util.find_spec(BUNDLED_LM_PACKAGE).submodule_search_locations[0]
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_LM_GGUF).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_docs(default_corpus) -> list[str]:
+    """Three short held-out code documents."""
+    with open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    return [d for d in docs if 300 < len(d) < 3000][:3]
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """One --include_path (the CLI takes one) with copies of the bundled and the test-only
+    tasks (lm-eval does not follow symlinked folders)."""
+    import shutil
+
+    from lm_eval_ttt.cli import task_configs_dir
+
+    out = tmp_path_factory.mktemp("tasks")
+    shutil.copytree(task_configs_dir() / "ttt", out / "ttt")
+    shutil.copy(task_configs_dir() / "_rolling_template.yaml", out)
+    shutil.copytree(TEST_TASKS, out / "test")
+    return out
+
+
 def requests(texts):
     """Harness rolling-likelihood requests for raw texts."""
     from lm_eval.api.instance import Instance
@@ -81,10 +131,25 @@ def requests(texts):
     return [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
 
 
-def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat", max_tokens: int = 32) -> Path:
+def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat", max_tokens: int = 32, **kw) -> Path:
     from index_server.build import BuildConfig, build_index
     from index_server.encoder import EncoderConfig
 
-    build_index(BuildConfig(corpus=(corpus,), output=out, shards=shards, factory=factory,
-                            encoder=EncoderConfig(max_tokens=max_tokens, batch_size=64), progress=False))
+    build_index(BuildConfig(output=out, corpus=(corpus,), shards=shards, factory=factory,
+                            encoder=EncoderConfig(max_tokens=max_tokens, batch_size=64), progress=False, **kw))
     return out
+
+
+def make_lm(cls, tmp_path: Path, tiny_lm: Path, index: Path | str | None, **kw):
+    """A harness model on the tiny LM and a small index, logging under tmp_path."""
+    args = dict(pretrained=str(tiny_lm), k=3, max_length=64, log_dir=str(tmp_path / "logs"),
+                neighbour_cache=str(tmp_path / "cache"), device="cpu", batch_size=1, seed=1)
+    if index is not None:
+        args["index"] = str(index)
+    args.update(kw)
+    return cls(**args)
+
+
+def task_bits_per_byte(output_dir: Path, task: str) -> float:
+    results = sorted(output_dir.rglob("results_*.json"))[-1]
+    return json.loads(results.read_text())["results"][task]["bits_per_byte,none"]

@@ -8,21 +8,20 @@ from lm_eval_ttt.report import curve_points, load_runs, markdown_table
 
 
 @pytest.fixture(scope="module")
-def results(default_index, tmp_path_factory):
+def results(tiny_lm, small_index, tmp_path_factory):
     """Real lm_eval runs of three of our methods plus the stock hf base, 2 documents each."""
-    from lm_eval_ttt.assets import bundled_lm_path
     from lm_eval_ttt.cli import task_configs_dir
 
     out = tmp_path_factory.mktemp("runs")
-    common = ["--tasks", "ttt_stdlib_code", "--include_path", str(task_configs_dir()), "--limit", "2",
+    common = ["--tasks", "ttt_stdlib_code", "--include_path", str(task_configs_dir() / "ttt"), "--limit", "2",
               "--device", "cpu", "--batch_size", "1"]
-    lm = f"pretrained={bundled_lm_path()},max_length=64"
-    logs = f"log_dir={out / 'logs'}"
+    lm = f"pretrained={tiny_lm},max_length=64"
+    shared = f"index={small_index},neighbour_cache={out / 'cache'}"
     for name, model, args in [
         ("hf", "hf", lm),
-        ("ttt", "ttt-nn", f"{lm},k=2,eval_at_k=0:1:2,max_neighbor_tokens=64,{logs}"),
-        ("ctx", "ttt-nn-context", f"{lm},k=2,{logs}"),
-        ("interp", "ttt-nn-interp", f"{lm},k=2,lambda=0.1,{logs}"),
+        ("ttt", "ttt-nn", f"{lm},{shared},k=2,eval_at_k=0:1:2,max_neighbor_tokens=64,lr=1e-3"),
+        ("ctx", "ttt-nn-context", f"{lm},{shared},k=2"),
+        ("interp", "ttt-nn-interp", f"{lm},{shared},k=2,lambda=0.1"),
     ]:
         run("lm_eval", "--model", model, "--model_args", args, *common, "--output_path", str(out / name))
     return out
@@ -47,8 +46,12 @@ def test_report_table_equals_inputs_and_plots_are_real_images(results, tmp_path)
         bpb = row["bits_per_byte,none"]
         assert f"| {bpb:.4f} | {row['byte_perplexity,none']:.4f} | {row['word_perplexity,none']:.2f} | {bpb / base:.1%} | 2 |" in table
     ttt = next(r for r in runs if r.method == "ttt-nn")
-    assert [k for k, _ in curve_points(ttt)] == [0, 1, 2]
-    for name in ("bpb_vs_k.png", "bpb_by_method.png", "train_cost.png"):
+    points = curve_points(ttt)
+    assert [k for k, _, _ in points] == [0, 1, 2]
+    assert points[0][1] == 0 < points[1][1] < points[2][1]  # gradient steps grow with k
+    assert points[-1][2] == pytest.approx(ttt.metrics["bits_per_byte"], rel=1e-9)  # final point = harness metric
+    assert "| ttt_stdlib_code | ttt-nn k=2 | 2 |" in table  # bits per byte against steps
+    for name in ("bpb_vs_k.png", "bpb_vs_steps.png", "bpb_by_method.png", "train_cost.png"):
         width, height, data = png_size(tmp_path / "report" / name)
         assert width >= 400 and height >= 300
         assert len(data) > 10_000  # axes, bars, lines and labels: not a blank canvas

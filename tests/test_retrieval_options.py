@@ -1,5 +1,5 @@
-"""Retriever and task options of the ttt-nn model: cache reuse, duplicate exclusion,
-neighbour order, the split protocol, and the Pile task configs on a local Pile file."""
+"""Retriever and task options: cache reuse, duplicate exclusion, neighbour order, the split
+protocol, and the Pile task configs on a local Pile file."""
 
 import json
 
@@ -7,39 +7,53 @@ import pytest
 import zstandard
 from lm_eval.api.instance import Instance
 
-from lm_eval_ttt.retriever import Retriever, RetrieverConfig, is_near_duplicate
+from conftest import make_lm
+from index_server.options import IndexOptions
+from lm_eval_ttt.model import TTTNNLM
+from lm_eval_ttt.retriever import Retriever, SelectionConfig, is_near_duplicate
+from lm_eval_ttt.runlog import read_log
 
 
 @pytest.fixture(scope="module")
-def indexed_doc(default_corpus):
+def indexed_doc(small_corpus):
     """A document that is in the index, as a query that must find itself first."""
-    with open(default_corpus / "stdlib_code.index.jsonl", encoding="utf-8") as f:
+    with open(small_corpus, encoding="utf-8") as f:
         return json.loads(f.readlines()[100])["text"]
 
 
-def test_cache_serves_smaller_k_without_searching(default_index, indexed_doc, tmp_path):
-    retriever = Retriever(RetrieverConfig(index=str(default_index), cache_dir=tmp_path))
-    first = retriever.retrieve(indexed_doc, 8)
+def retriever(index, cache=None, **selection):
+    return Retriever.open(str(index), IndexOptions(), SelectionConfig(**selection), cache)
+
+
+def test_cache_serves_smaller_k_without_searching(small_index, indexed_doc, tmp_path):
+    first = retriever(small_index, tmp_path).neighbours(indexed_doc, 8)
     assert not first.cached
+    reopened = retriever(small_index, tmp_path)
     calls = []
-    search = retriever.backend.search
-    retriever.backend.search = lambda *a: calls.append(a) or search(*a)
-    again = retriever.retrieve(indexed_doc, 5)
+    search = reopened.index.search
+    reopened.index.search = lambda *a: calls.append(a) or search(*a)
+    again = reopened.neighbours(indexed_doc, 5)
     assert again.cached and calls == []
     assert again.ids == first.ids[:5] and again.texts == first.texts[:5]
-    reopened = Retriever(RetrieverConfig(index=str(default_index), cache_dir=tmp_path))
-    assert reopened.retrieve(indexed_doc, 8).cached
-    assert (tmp_path / f"{retriever.manifest.identity}.jsonl").is_file()  # keyed by index identity
+    assert list(tmp_path.glob(f"{reopened.manifest.identity}-*.jsonl"))  # keyed by index identity
 
 
-def test_exclude_duplicates_drops_the_query_itself(default_index, indexed_doc, tmp_path):
-    plain = Retriever(RetrieverConfig(index=str(default_index)))
-    strict = Retriever(RetrieverConfig(index=str(default_index), exclude_duplicates=True))
-    with_self, without_self = plain.retrieve(indexed_doc, 5), strict.retrieve(indexed_doc, 5)
+def test_exclude_duplicates_drops_the_query_itself(small_index, indexed_doc):
+    with_self = retriever(small_index).neighbours(indexed_doc, 5)
+    without_self = retriever(small_index, exclude_duplicates=True).neighbours(indexed_doc, 5)
     assert with_self.texts[0] == indexed_doc and with_self.distances[0] == pytest.approx(0, abs=1e-3)
-    assert with_self.ids[0] in without_self.excluded_duplicates
+    assert with_self.ids[0] in without_self.excluded
     assert indexed_doc not in without_self.texts and len(without_self.ids) == 5
     assert without_self.ids[:4] == with_self.ids[1:5]
+
+
+def test_excluded_ids_and_max_distance(small_index, indexed_doc):
+    plain = retriever(small_index).neighbours(indexed_doc, 5)
+    own = retriever(small_index).neighbours(indexed_doc, 5, exclude_ids={plain.ids[0]})
+    assert own.ids == plain.ids[1:] + own.ids[4:] and plain.ids[0] in own.excluded and len(own.ids) == 5
+    cut = plain.distances[2]
+    near = retriever(small_index, max_distance=cut).neighbours(indexed_doc, 5)
+    assert near.ids == plain.ids[:3] and near.stop_reason == "max_distance"
 
 
 def test_near_duplicate_threshold():
@@ -48,34 +62,30 @@ def test_near_duplicate_threshold():
     assert not is_near_duplicate(text, " ".join(f"word{i}" for i in range(100, 300)))  # half shared
 
 
-def test_farthest_order_trains_in_reverse(default_index, tmp_path):
-    from lm_eval_ttt.model import TTTNNLM
-
+def test_farthest_order_trains_in_reverse(tiny_lm, small_index, tmp_path):
     doc = "import os\n\ndef walk(path):\n    return list(os.walk(path))\n"
     records = {}
     for order in ("nearest", "farthest"):
-        model = TTTNNLM(k=3, order=order, max_length=64, max_neighbor_tokens=64, log_dir=str(tmp_path / order),
-                        device="cpu", batch_size=1)
-        records[order] = model.score_document(Instance("loglikelihood_rolling", {}, (doc,), 0))
+        lm = make_lm(TTTNNLM, tmp_path / order, tiny_lm, small_index, k=3, order=order, lr=1e-3)
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)], disable_tqdm=True)
+        (records[order],) = read_log(lm.log_stem).values()
     assert records["nearest"]["neighbour_ids"] == records["farthest"]["neighbour_ids"]
     first_losses = [r["chunk_losses"][0][0] for r in records.values()]
     assert first_losses[0] != first_losses[1]  # different first training chunk
-    assert records["nearest"]["loglikelihood"] != records["farthest"]["loglikelihood"]
+    assert records["nearest"]["results"] != records["farthest"]["results"]
 
 
-def test_prefix_query_retrieves_on_the_prefix_and_scores_the_rest(default_index, tmp_path):
-    from lm_eval_ttt.model import TTTNNLM
-    from lm_eval_ttt.retriever import text_key
-
-    model = TTTNNLM(k=2, query="prefix", max_length=64, max_neighbor_tokens=64, log_dir=str(tmp_path),
-                    device="cpu", batch_size=1)
+def test_prefix_query_retrieves_on_the_prefix_and_scores_the_rest(tiny_lm, small_index, tmp_path):
+    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, query="prefix")
     prefix, rest = "import json\n\ndef load(path):\n", "    with open(path) as f:\n        return json.load(f)\n"
-    record = model.score_document(Instance("loglikelihood_rolling", {"prefix": prefix, "text": rest}, (rest,), 0))
-    assert record["neighbour_ids"] == model.retriever.retrieve(prefix, 2).ids
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {"prefix": prefix, "text": rest}, (rest,), 0)],
+                             disable_tqdm=True)
+    (record,) = read_log(lm.log_stem).values()
+    assert record["neighbour_ids"] == lm.retriever.neighbours(prefix, 2).ids
+    assert record["bytes"] == len(rest.encode())
     with pytest.raises(ValueError, match="query=prefix needs a split task"):
-        model.score_document(Instance("loglikelihood_rolling", {"text": rest}, (rest,), 0))
-    assert model.settings["query"] == "prefix"
-    assert text_key(rest) != text_key(prefix + rest)
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {"text": "x = 2\n"}, ("x = 2\n",), 0)],
+                                 disable_tqdm=True)
 
 
 def test_pile_tasks_read_a_local_pile_file_and_override_the_builtin(tmp_path, monkeypatch):
@@ -88,14 +98,15 @@ def test_pile_tasks_read_a_local_pile_file_and_override_the_builtin(tmp_path, mo
     path = tmp_path / "test.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
     monkeypatch.setenv("PILE_TEST_FILE", str(path))
-    manager = TaskManager(include_path=str(task_configs_dir()))
+    pile = task_configs_dir() / "pile"
+    manager = TaskManager(include_path=str(pile))
     names = [f"pile_{n}" for n in ("github", "europarl", "arxiv", "books3", "wikipedia", "pile-cc", "dm-mathematics")]
     assert set(names) <= set(manager.all_tasks)
     tasks = manager.load_task_or_group(["pile_github", "pile_europarl"])
     docs = {name: [d["text"] for d in task.test_docs()] for name, task in tasks.items()}
     assert docs == {"pile_github": [f"github doc {i}" for i in range(3)], "pile_europarl": ["a europarl speech"]}
-    assert str(task_configs_dir()) in str(manager.task_index["pile_github"].yaml_path)
-    assert len(list(task_configs_dir().glob("pile_*.yaml"))) == 22
+    assert str(pile) in str(manager.task_index["pile_github"].yaml_path)
+    assert len(list(pile.glob("pile_*.yaml"))) == 22
 
 
 def test_split_task_has_prefix_and_rest(default_corpus):
@@ -103,7 +114,7 @@ def test_split_task_has_prefix_and_rest(default_corpus):
 
     from lm_eval_ttt.cli import task_configs_dir
 
-    task = TaskManager(include_path=str(task_configs_dir())).load_task_or_group(["ttt_stdlib_code_split"])
+    task = TaskManager(include_path=str(task_configs_dir() / "ttt")).load_task_or_group(["ttt_stdlib_code_split"])
     docs = list(task["ttt_stdlib_code_split"].test_docs())
     full = [json.loads(line)["text"] for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8")]
     assert [d["prefix"] + d["text"] for d in docs] == full

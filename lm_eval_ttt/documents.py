@@ -1,0 +1,106 @@
+"""Harness requests grouped into documents: the unit that is retrieved for, trained on, scored
+together, logged and resumed.
+
+* ``loglikelihood_rolling``: one document per text (every token of it scored).
+* ``loglikelihood``: all requests of one ``(task, doc_id)`` (the choices of one question share
+  their context): retrieval sees the context, training happens once, every choice is scored.
+* ``generate_until``: one document per request (a task's repeats and the evaluator's padding
+  copies are the same instance: greedy ones are generated once, sampled ones each time).
+
+The evaluator pads a data-parallel rank's list with copies of its last request; they fall in
+the same document as their original and are answered from it without scoring again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from lm_eval.api.instance import Instance
+
+REQUEST_TYPES = ("loglikelihood_rolling", "loglikelihood", "generate_until")
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def args_key(request_type: str, args: list) -> str:
+    return text_key(json.dumps([request_type, args], sort_keys=True, default=str))
+
+
+@dataclass
+class Document:
+    request_type: str
+    task: str | None
+    doc_id: int | None
+    requests: list[Instance] = field(default_factory=list)  # the ones to answer, first-seen order
+    positions: list[list[int]] = field(default_factory=list)  # positions of each in the input list
+    doc: dict | None = None
+    occurrence: int = 0  # sampled generations of the same prompt: which repeat this is
+
+    @property
+    def key(self) -> str:
+        return args_key(self.request_type, [list(r.args) for r in self.requests] + [self.occurrence])
+
+    @property
+    def text(self) -> str:
+        """The scored text (rolling) or the shared context: what is shown and counted."""
+        return self.requests[0].args[0]
+
+    def query(self, mode: str) -> str:
+        """What retrieval sees: the scored text or the shared context (its first continuation
+        when the context is empty); under ``mode="prefix"`` a split task's ``prefix`` field."""
+        if mode == "prefix":
+            if self.request_type != "loglikelihood_rolling":
+                raise ValueError("query=prefix applies to rolling (perplexity) tasks; other request types retrieve "
+                                 "on their context")
+            prefix = (self.doc or {}).get("prefix")
+            if prefix is None:
+                raise ValueError("query=prefix needs a split task whose documents carry a 'prefix' field "
+                                 "(e.g. ttt_stdlib_code_split, or dataset_kwargs split_prefix: 0.5)")
+            return prefix
+        first = self.requests[0].args
+        return first[0] if first[0] or len(first) < 2 or not isinstance(first[1], str) else first[1]
+
+
+def _samples(request: Instance) -> bool:
+    return request.request_type == "generate_until" and bool(request.args[1].get("do_sample", False))
+
+
+def group_documents(request_type: str, requests: list[Instance]) -> list[Document]:
+    """Documents in first-seen order; each request position belongs to exactly one."""
+    documents: dict[object, Document] = {}
+    seen: dict[str, int] = {}
+    for position, request in enumerate(requests):
+        if request_type == "loglikelihood_rolling":
+            group = request.args[0]
+        elif request_type == "loglikelihood":
+            group = (request.task_name, request.doc_id) if request.doc_id is not None else request.args[0]
+        else:
+            group = (request.task_name, request.doc_id, request.args[0]) if not _samples(request) else position
+        document = documents.get(group)
+        if document is None:
+            occurrence = 0
+            if _samples(request):
+                occurrence = seen[request.args[0]] = seen.get(request.args[0], -1) + 1
+            document = documents[group] = Document(request_type, request.task_name, request.doc_id, doc=request.doc,
+                                                   occurrence=occurrence)
+        same = next((i for i, r in enumerate(document.requests) if r.args == request.args), None)
+        if same is None or _samples(request):
+            document.requests.append(request)
+            document.positions.append([position])
+        else:
+            document.positions[same].append(position)
+    return list(documents.values())
+
+
+def scatter(documents: list[Document], results: list[list], n: int) -> list:
+    """Per-document results (one per request of the document) back to input order."""
+    out = [None] * n
+    for document, answers in zip(documents, results):
+        for positions, answer in zip(document.positions, answers):
+            for position in positions:
+                out[position] = answer
+    return out

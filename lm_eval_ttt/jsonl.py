@@ -1,0 +1,60 @@
+"""Append-only JSONL files that survive crashes and several writers.
+
+The per-document logs and the neighbour cache are JSONL files appended one record at a
+time. A process killed mid-write leaves a truncated last line: readers skip it and say so
+(``path:line``), instead of crashing every later run, and the next writer first ends the
+broken line so its record is not glued onto it. Writers take a ``filelock`` lock next to
+the file, so records of concurrent processes never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from filelock import FileLock
+
+
+class SkippedLineWarning(UserWarning):
+    """A JSONL line that could not be read (truncated by a crash, or not JSON) was skipped."""
+
+
+def lock_for(path: Path) -> FileLock:
+    return FileLock(str(path) + ".lock")
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every well-formed record of a JSONL file; bad lines are skipped with a warning."""
+    records = []
+    if not path.is_file():
+        return records
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            last = line_no == len(lines) or (line_no == len(lines) - 1 and not lines[-1])
+            reason = "truncated last record (an interrupted write?)" if last else f"unreadable record ({e})"
+            warnings.warn(f"{path}:{line_no}: {reason}; skipped", SkippedLineWarning, stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one record as one line; the caller holds the file's lock."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data  # end a line left unfinished by a crash
+        f.write(data)
+        f.flush()

@@ -1,0 +1,50 @@
+"""Which weights test-time training updates, and the trainer that updates them.
+
+* ``adapter=none`` (default): every weight, reset from a snapshot (``ttt.TestTimeTrainer``).
+* ``peft=ADAPTER`` (HFLM's own argument: a trained adapter loaded over the base model):
+  the adapter's weights are trained and reset; the base stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .settings import ModelArgumentError, TrainSettings
+from .ttt import TestTimeTrainer, TTTConfig, default_lr
+
+_AUTOCAST_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_train_settings(t: TrainSettings, hf_kwargs: dict) -> None:
+    """Combinations refused before the model loads; ``precision`` also sets HFLM's scoring
+    autocast (``mixed_precision_dtype``) so training and scoring use the same arithmetic."""
+    if t.precision != "fp32":
+        given = hf_kwargs.get("mixed_precision_dtype")
+        if given is not None and str(given) != _AUTOCAST_NAMES[t.precision]:
+            raise ModelArgumentError(f"precision={t.precision} conflicts with mixed_precision_dtype={given}")
+        hf_kwargs["mixed_precision_dtype"] = _AUTOCAST_NAMES[t.precision]
+    if t.adapter == "lora" and hf_kwargs.get("peft"):
+        raise ModelArgumentError("adapter=lora trains fresh adapters; it cannot be combined with peft=")
+    if t.doc_batch > 1 and t.adapter != "lora":
+        raise ModelArgumentError("doc_batch > 1 needs adapter=lora (each document trains its own adapter)")
+
+
+def _train_loaded_adapter(model: torch.nn.Module) -> None:
+    """HFLM loads ``peft=`` adapters frozen; TTT trains the adapter and keeps the base frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.set_requires_grad(model.active_adapters, True)
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_optimizer: bool):
+    """The trainer of a harness model ``lm`` (an HFLM) for the given settings."""
+    if lm.peft:
+        _train_loaded_adapter(lm.model)
+    lr = t.lr if t.lr is not None else default_lr(n_parameters(lm.model))
+    config = TTTConfig(lr=lr, max_length=lm.max_length, max_neighbor_tokens=max_neighbor_tokens,
+                       reset_optimizer=reset_optimizer, seed=lm.seed, precision=t.precision, compile=t.compile)
+    return TestTimeTrainer(lm.model, config)

@@ -1,0 +1,130 @@
+"""``ttt-nn tune``: choose a method's hyperparameter on validation documents, never on test.
+
+Validation documents are drawn from the index's own corpus (a seeded sample of its
+documents, read through the index, so no test file is ever opened), and each is excluded
+from its own neighbours by its corpus id. Every value of the grid is evaluated by a fresh
+harness model of the method exactly as ``lm_eval`` would build it, on the same documents;
+the table (value, bits per byte, gradient steps, seconds) is printed and written as JSON,
+and the value with the lowest bits per byte is chosen (ties go to the cheaper one). Pass
+that JSON to the evaluation run as ``tuned=PATH``: the results then record the tuned value
+and the validation documents it was chosen on, and ``ttt-nn report`` labels the row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+from lm_eval.api.instance import Instance
+
+from index_server.options import IndexOptions, open_index
+
+from ._registration import models
+from .documents import group_documents
+from .metrics import bits_per_byte, utf8_bytes
+from .runlog import read_log
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    method: str
+    param: str
+    grid: tuple
+    model_args: dict = field(default_factory=dict)  # pretrained, index, k, max_length, device, ...
+    docs: int = 16
+    min_chars: int = 300
+    max_chars: int = 4000
+    seed: int = 0
+    out: Path = Path("work/tune")
+
+
+def model_class(method: str):
+    targets = models()
+    if method not in targets:
+        raise ValueError(f"unknown method {method!r}; one of {', '.join(sorted(targets))}")
+    module, name = targets[method].split(":")
+    return getattr(import_module(module), name)
+
+
+def validation_documents(index, count: int, seed: int, min_chars: int, max_chars: int) -> list[tuple[int, str]]:
+    """(corpus id, text) of up to ``count`` documents of the index's corpus, a seeded sample
+    of those whose length lies in [min_chars, max_chars]."""
+    order = np.random.default_rng(seed).permutation(index.manifest.n_vectors)
+    chosen = []
+    for start in range(0, len(order), 256):
+        ids = [int(i) for i in order[start : start + 256]]
+        for doc_id, text in zip(ids, index.texts(ids)):
+            if text is not None and min_chars <= len(text) <= max_chars:
+                chosen.append((doc_id, text))
+                if len(chosen) == count:
+                    return chosen
+    return chosen
+
+
+def requests_for(documents: list[tuple[int, str]]) -> list[Instance]:
+    return [Instance("loglikelihood_rolling", {"ttt_nn_corpus_id": doc_id}, (text,), i,
+                     metadata=("ttt_nn_validation", i, 1)) for i, (doc_id, text) in enumerate(documents)]
+
+
+def evaluate_value(config: TuneConfig, value, documents: list[tuple[int, str]]) -> dict:
+    """Bits per byte, gradient steps and seconds of one grid value on the documents."""
+    cls = model_class(config.method)
+    args = {**config.model_args, config.param: value, "log_dir": str(config.out / "logs")}
+    start = time.perf_counter()
+    lm = cls(**args)
+    lls = lm.loglikelihood_rolling(requests_for(documents))
+    seconds = time.perf_counter() - start
+    keys = {d.key for d in group_documents("loglikelihood_rolling", requests_for(documents))}
+    steps = sum(r.get("train_steps", 0) for key, r in read_log(lm.log_stem).items() if key in keys)
+    return {"value": value, "bits_per_byte": bits_per_byte(lls, utf8_bytes([t for _, t in documents])),
+            "steps": steps, "seconds": round(seconds, 2)}
+
+
+def choose(rows: list[dict]) -> tuple[dict, str]:
+    """Lowest bits per byte; equal ones (to 1e-9) go to fewer steps, then fewer seconds."""
+    best = min(rows, key=lambda r: (round(r["bits_per_byte"], 9), r["steps"], r["seconds"]))
+    ties = [r for r in rows if round(r["bits_per_byte"], 9) == round(best["bits_per_byte"], 9)]
+    reason = "lowest validation bits per byte" + (" (tie broken by fewer gradient steps)" if len(ties) > 1 else "")
+    return best, reason
+
+
+def run_tune(config: TuneConfig, echo=print) -> dict:
+    spec = config.model_args.get("index")
+    if spec is None:
+        from .assets import ensure_default_index
+
+        spec = str(ensure_default_index())
+    index = open_index(spec, IndexOptions())
+    try:
+        documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
+        identity = index.manifest.identity
+    finally:
+        index.close()
+    if not documents:
+        raise ValueError(f"no document of the index's corpus has {config.min_chars}-{config.max_chars} characters")
+    echo(f"{len(documents)} validation documents from the corpus of index {identity} (ids "
+         f"{[d for d, _ in documents][:8]}{' ...' if len(documents) > 8 else ''}), each excluded from its own "
+         f"neighbours; {config.method} {config.param} in {list(config.grid)}")
+    echo(f"{config.param:>12}  {'bits/byte':>10}  {'steps':>6}  {'seconds':>8}")
+    rows = []
+    for value in config.grid:
+        rows.append(evaluate_value(config, value, documents))
+        r = rows[-1]
+        echo(f"{r['value']!s:>12}  {r['bits_per_byte']:>10.4f}  {r['steps']:>6}  {r['seconds']:>8.1f}")
+    best, reason = choose(rows)
+    result = {
+        "method": config.method, "param": config.param, "chosen": best["value"], "reason": reason, "rows": rows,
+        "validation": {"count": len(documents), "ids": [d for d, _ in documents], "index": identity,
+                       "seed": config.seed},
+        "config": {**asdict(config), "out": str(config.out), "grid": list(config.grid)},
+    }
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = config.out / "tune.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    echo(f"chosen {config.param}={best['value']}: {reason} ({best['bits_per_byte']:.4f}); written {path}; "
+         f"pass --model_args ...,{config.param}={best['value']},tuned={path}")
+    return result
