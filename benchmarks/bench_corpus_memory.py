@@ -1,6 +1,6 @@
 """Memory of indexing a >= 200 MB JSONL corpus: our store vs loading texts into a dict.
 
-Usage: python benchmarks/bench_corpus_memory.py [--copies 7]
+Usage: python benchmarks/bench_corpus_memory.py [--copies 7] [--json PATH]
 Each measurement runs in a fresh process and reports its peak RSS. The corpus is the
 bundled code corpus repeated (each copy with its own header line, so no two documents are
 identical). Embedding uses 16 tokens per document: memory, not retrieval quality, is measured.
@@ -8,14 +8,13 @@ identical). Embedding uses 16 tokens per document: memory, not retrieval quality
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import WORK, bundled_corpus, print_table  # noqa: E402
+from _common import WORK, bundled_corpus, parser, report, write_json  # noqa: E402
 
 CHILD = r"""
 import json, sys, resource
@@ -31,7 +30,7 @@ if mode == "model":  # what loading the encoder alone costs: the floor of any bu
     n, dim = 0, enc.dim
 elif mode == "store":
     from index_server.build import BuildConfig, build_index
-    m = build_index(BuildConfig(corpus=(corpus,), output=out, encoder=EncoderConfig(max_tokens=16, batch_size=64),
+    m = build_index(BuildConfig(output=out, corpus=(corpus,), encoder=EncoderConfig(max_tokens=16, batch_size=64),
                                 overwrite=True, progress=False))
     n, dim = m.n_vectors, m.dim
 else:  # reference style: every text in a dict, then embed
@@ -61,9 +60,9 @@ def make_corpus(copies: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--copies", type=int, default=7)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--copies", type=int, default=7)
+    args = p.parse_args()
     corpus = make_corpus(args.copies)
     size_mb = corpus.stat().st_size / 2**20
     rows = []
@@ -75,11 +74,13 @@ def main() -> None:
         growth = r["peak_mb"] - r["runtime_mb"]
         rows.append([mode, n, round(r["runtime_mb"]), round(r["peak_mb"]), round(growth), round(vectors_mb, 1),
                      round(r["model_mb"], 1), round(growth / (vectors_mb + r["model_mb"]), 2)])
-    print_table(f"indexing a {size_mb:.0f} MB corpus, memory in MB. runtime = RSS with python + torch + transformers "
-                "imported; growth = peak RSS - runtime; x = growth / (vectors + model parameters)",
-                ["mode", "docs", "runtime", "peak", "growth", "vectors", "model", "x"], rows)
+    out = report(f"indexing a {size_mb:.0f} MB corpus, memory in MB. runtime = RSS with python + torch + transformers "
+                 "imported; growth = peak RSS - runtime; x = growth / (vectors + model parameters)",
+                 ["mode", "docs", "runtime", "peak", "growth", "vectors", "model", "x"], rows,
+                 ["mode", "docs", "runtime_mb", "peak_mb", "growth_mb", "vectors_mb", "model_mb", "growth_per_payload"])
     print("model: load the encoder and embed one batch, no corpus. store: `ttt-index build` (offsets + memory-mapped "
           "reads). dict: every text loaded into a dict first, as the reference shard servers did.")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

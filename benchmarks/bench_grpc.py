@@ -1,6 +1,6 @@
 """gRPC shard service vs the in-process index: latency, throughput, concurrency.
 
-Usage: python benchmarks/bench_grpc.py [--vectors 100000] [--k 20]
+Usage: python benchmarks/bench_grpc.py [--vectors 100000] [--k 20] [--json PATH]
 Builds Flat indexes of random 384-d vectors over a synthetic corpus (S = 1 and 4 shards),
 starts one `ttt-index serve` process per shard on loopback, and prints p50/p99 latency per
 query and queries/s for single queries and batches of 32, in-process and over gRPC side by
@@ -9,8 +9,6 @@ side, then 8 concurrent clients x 1000 queries (errors must be 0).
 
 from __future__ import annotations
 
-import argparse
-import json
 import signal
 import subprocess
 import sys
@@ -21,28 +19,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import WORK, print_table  # noqa: E402
+from _common import WORK, embeddings_from_vectors, parser, report, write_json  # noqa: E402
 
-from index_server.atomic import atomic_output  # noqa: E402
-from index_server.build import BuildConfig, write_index  # noqa: E402
-from index_server.client import ClientConfig, GrpcIndex  # noqa: E402
-from index_server.corpus import scan_corpus  # noqa: E402
-from index_server.encoder import EncoderConfig  # noqa: E402
+from index_server.build import BuildConfig, build_index  # noqa: E402
+from index_server.client import GrpcIndex  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
 
 DIM = 384
 
 
 def build(n: int, shards: int) -> Path:
-    corpus = WORK / f"synthetic-{n}.jsonl"
-    if not corpus.is_file():
-        WORK.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("".join(json.dumps({"text": f"synthetic document {i}"}) + "\n" for i in range(n)))
     out = WORK / f"synthetic-{n}-s{shards}"
     vectors = np.random.default_rng(0).standard_normal((n, DIM)).astype(np.float32)
-    config = BuildConfig(corpus=(corpus,), output=out, shards=shards, overwrite=True, progress=False)
-    with atomic_output(out, overwrite=True) as scratch:
-        write_index(scratch, scan_corpus([corpus], progress=False), vectors, EncoderConfig().identity(), config)
+    emb = embeddings_from_vectors(vectors, f"grpc-{n}")
+    build_index(BuildConfig(output=out, embeddings=emb, shards=shards, overwrite=True, progress=False))
     return out
 
 
@@ -68,7 +58,7 @@ def concurrent(addresses: tuple[str, ...], queries: np.ndarray, k: int, clients:
     errors, done = [], []
 
     def worker(seed: int) -> None:
-        client = GrpcIndex(ClientConfig(addresses))
+        client = GrpcIndex(addresses)
         rng = np.random.default_rng(seed)
         for _ in range(per_client):
             try:
@@ -88,13 +78,13 @@ def concurrent(addresses: tuple[str, ...], queries: np.ndarray, k: int, clients:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vectors", type=int, default=100_000)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--per-client", type=int, default=1000)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--vectors", type=int, default=100_000)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--per-client", type=int, default=1000)
+    args = p.parse_args()
     queries = np.random.default_rng(1).standard_normal((args.queries, DIM)).astype(np.float32)
     rows, load_rows = [], []
     for shards in (1, 4):
@@ -102,7 +92,7 @@ def main() -> None:
         local = LocalIndex(index)
         procs, addresses = serve(index, shards)
         try:
-            remote = GrpcIndex(ClientConfig(addresses))
+            remote = GrpcIndex(addresses)
             np.testing.assert_array_equal(remote.search(queries, args.k).ids, local.search(queries, args.k).ids)
             for batch in (1, 32):
                 for name, backend in (("in-process", local), ("gRPC", remote)):
@@ -115,10 +105,13 @@ def main() -> None:
                 p.send_signal(signal.SIGTERM)
             for p in procs:
                 p.wait()
-    print_table(f"{args.vectors} vectors x {DIM} dims, Flat, k={args.k}; latency per call",
-                ["shards", "batch", "backend", "p50 ms", "p99 ms", "queries/s"], rows)
-    print_table(f"{args.clients} concurrent gRPC clients x {args.per_client} single queries",
-                ["shards", "clients", "answered", "errors", "queries/s"], load_rows)
+    out = report(f"{args.vectors} vectors x {DIM} dims, Flat, k={args.k}; latency per call",
+                 ["shards", "batch", "backend", "p50 ms", "p99 ms", "queries/s"], rows,
+                 ["shards", "batch", "backend", "p50_ms", "p99_ms", "queries_per_s"])
+    out += report(f"{args.clients} concurrent gRPC clients x {args.per_client} single queries",
+                  ["shards", "clients", "answered", "errors", "queries/s"], load_rows,
+                  ["shards", "clients", "answered", "errors", "queries_per_s"])
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

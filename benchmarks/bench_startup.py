@@ -1,24 +1,27 @@
 """Cost of the `.pth` registration hook on every interpreter start.
 
-Usage: python benchmarks/bench_startup.py [--runs 20]
+Usage: python benchmarks/bench_startup.py [--runs 20] [--json PATH]
 Prints the median wall time of `python -c pass` in this environment and the import time of
 lm_eval_ttt._registration (from -X importtime) measured in the same runs, side by side.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import parser, write_json  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--runs", type=int, default=20)
+    args = p.parse_args()
     walls, hooks = [], []
     for _ in range(args.runs):
         start = time.perf_counter()
@@ -31,6 +34,8 @@ def main() -> None:
     wall, hook = statistics.median(walls), statistics.median(hooks)
     print(f"interpreter start (python -c pass): {wall:.1f} ms median of {args.runs}")
     print(f"registration hook import:           {hook:.2f} ms  ({hook / wall:.1%} of start-up)")
+    write_json(args.json, [{"runs": args.runs, "interpreter_start_ms": wall, "hook_import_ms": hook,
+                            "hook_share": hook / wall}])
 
 
 if __name__ == "__main__":
