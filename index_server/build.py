@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from .digest import file_fingerprint
 from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
 from .encoder import EncoderConfig
 from .manifest import DOC_TABLE_NAME, MANIFEST_NAME, FileInfo, Manifest, ShardInfo
+from .search import faiss_chatter_to_stderr
 
 VECTORS_NAME = "vectors.f16.npy"
 # Points per centroid / codeword to train on: Faiss warns below 39; 64 is a comfortable default.
@@ -114,46 +116,74 @@ def check_factory(config: BuildConfig, dim: int, n: int) -> faiss.Index:
     return template
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy file, or a CorpusFormatError naming it."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran:
+                raise ValueError("Fortran order")
+            return shape, dtype, f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise CorpusFormatError([f"{path}: corrupt embedding part ({e}); delete it and its .json, then rerun "
+                                 f"`ttt-index embed` to redo it"]) from e
+
+
 class PartVectors:
-    """All embedding parts as one (n, dim) float32 row space, read block by block."""
+    """All embedding parts as one (n, dim) float32 row space, read block by block with
+    ``pread`` (not memory-mapped: mapped pages would count in the build's resident memory
+    and grow with the corpus)."""
 
     def __init__(self, directory: Path, layout: EmbeddingsLayout, metas: list[PartMeta]):
-        self.parts = []
+        self.files, self.offsets, self.counts = [], [], []
+        self.dtype, self.dim = np.dtype(layout.dtype), layout.dim
         for meta in metas:
             path = directory / f"{part_name(meta.index)}.npy"
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (ValueError, OSError, EOFError) as e:
-                raise CorpusFormatError([f"{path}: corrupt embedding part ({e}); delete it and its .json, then "
-                                         f"rerun `ttt-index embed` to redo it"]) from e
-            if array.shape != (meta.n_docs, layout.dim) or array.dtype != np.dtype(layout.dtype):
-                raise CorpusFormatError([f"{path}: holds {array.shape} {array.dtype}, expected ({meta.n_docs}, "
-                                         f"{layout.dim}) {layout.dtype} (a part of another run?)"])
-            self.parts.append(array)
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-        self.n, self.dim = int(self.starts[-1]), layout.dim
+            shape, dtype, offset = _npy_header(path)
+            if shape != (meta.n_docs, layout.dim) or dtype != self.dtype:
+                raise CorpusFormatError([f"{path}: holds {shape} {dtype}, expected ({meta.n_docs}, {layout.dim}) "
+                                         f"{layout.dtype} (a part of another run?)"])
+            if path.stat().st_size < offset + meta.n_docs * layout.dim * dtype.itemsize:
+                raise CorpusFormatError([f"{path}: truncated embedding part; delete it and its .json, then rerun "
+                                         f"`ttt-index embed` to redo it"])
+            self.files.append(os.open(path, os.O_RDONLY))
+            self.offsets.append(offset)
+            self.counts.append(meta.n_docs)
+        self.starts = np.cumsum([0] + self.counts)
+        self.n = int(self.starts[-1])
+        self.row_bytes = self.dim * self.dtype.itemsize
+
+    def _read(self, part: int, a: int, b: int) -> np.ndarray:
+        data = os.pread(self.files[part], (b - a) * self.row_bytes, self.offsets[part] + a * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(b - a, self.dim)
 
     def rows(self, start: int, end: int) -> np.ndarray:
         out = np.empty((end - start, self.dim), dtype=np.float32)
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
         pos = start
-        for p in range(first, len(self.parts)):
+        for p in range(first, len(self.counts)):
             if pos >= end:
                 break
             a = pos - int(self.starts[p])
-            b = min(len(self.parts[p]), end - int(self.starts[p]))
-            out[pos - start : pos - start + (b - a)] = self.parts[p][a:b]
+            b = min(self.counts[p], end - int(self.starts[p]))
+            out[pos - start : pos - start + (b - a)] = self._read(p, a, b)
             pos += b - a
         return out
 
     def take(self, ids: np.ndarray) -> np.ndarray:
-        """Rows at sorted ids (a training sample), reading part by part."""
+        """Rows at sorted ids (a training sample), one read per row."""
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         which = np.searchsorted(self.starts, ids, side="right") - 1
-        for p in np.unique(which):
-            mask = which == p
-            out[mask] = self.parts[p][ids[mask] - self.starts[p]]
+        for row, (p, i) in enumerate(zip(which, ids)):
+            local = int(i - self.starts[p])
+            out[row] = self._read(int(p), local, local + 1)[0]
         return out
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
 
 
 class _HashingWriter:
@@ -182,15 +212,24 @@ def _write_faiss(index: faiss.Index, path: Path) -> FileInfo:
     return writer.close()
 
 
-def _save_npy(array: np.ndarray, path: Path) -> FileInfo:
-    writer = _HashingWriter(path)
+class _NpyStream:
+    """A .npy file written front to back (header first, then row blocks), hashed on the way:
+    never the whole array in memory, never mapped."""
 
-    class _Sink:
-        def write(self, data):
-            return writer(bytes(data))
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+        self.writer = _HashingWriter(path)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self, header)
+        self.dtype = np.dtype(dtype)
 
-    np.save(_Sink(), array)
-    return writer.close()
+    def write(self, data) -> int:  # the header writer's file protocol
+        return self.writer(bytes(data))
+
+    def append(self, block: np.ndarray) -> None:
+        self.writer(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+
+    def close(self) -> FileInfo:
+        return self.writer.close()
 
 
 def load_parts(directory: Path) -> tuple[EmbeddingsLayout, list[PartMeta]]:
@@ -212,6 +251,11 @@ def load_parts(directory: Path) -> tuple[EmbeddingsLayout, list[PartMeta]]:
             raise CorpusFormatError([f"{path}: corrupt part metadata ({e})"]) from e
         if (metas[-1].index, metas[-1].start, metas[-1].end) != (p, layout.bounds[p], layout.bounds[p + 1]):
             raise CorpusFormatError([f"{path}: belongs to another embedding layout"])
+        table = directory / f"{part_name(p)}.docs.npy"
+        shape, dtype, _ = _npy_header(table)
+        if shape != (metas[-1].n_docs,) or dtype != DOC_TABLE_DTYPE:
+            raise CorpusFormatError([f"{table}: holds {shape} rows of {dtype}, expected {metas[-1].n_docs} document "
+                                     f"table rows (a part of another run?)"])
     return layout, metas
 
 
@@ -226,9 +270,10 @@ def corpus_files(layout: EmbeddingsLayout, metas: list[PartMeta]) -> list[Corpus
     return files
 
 
-def doc_table(directory: Path, metas: list[PartMeta]) -> np.ndarray:
-    """The parts' tables in order, line numbers made absolute per file."""
-    tables, lines_before = [], {}
+def doc_tables(directory: Path, metas: list[PartMeta]):
+    """Each part's table in order, line numbers made absolute per file (one part in memory
+    at a time)."""
+    lines_before: dict[int, int] = {}
     for meta in metas:
         table = np.load(directory / f"{part_name(meta.index)}.docs.npy")
         if table.dtype != DOC_TABLE_DTYPE or len(table) != meta.n_docs:
@@ -236,11 +281,16 @@ def doc_table(directory: Path, metas: list[PartMeta]) -> np.ndarray:
         for key, info in meta.files.items():
             f = int(key)
             offset = lines_before.get(f, 0) + (0 if info["at_line_start"] else 1)
-            rows = table["file"] == f
-            table["line"][rows] += offset
+            table["line"][table["file"] == f] += offset
             lines_before[f] = lines_before.get(f, 0) + info["newlines"]
-        tables.append(table)
-    return np.concatenate(tables)
+        yield table
+
+
+def write_doc_table(path: Path, directory: Path, metas: list[PartMeta]) -> FileInfo:
+    stream = _NpyStream(path, DOC_TABLE_DTYPE, (sum(m.n_docs for m in metas),))
+    for table in doc_tables(directory, metas):
+        stream.append(table)
+    return stream.close()
 
 
 def _add_blocks(index: faiss.Index, vectors: PartVectors, start: int, end: int, block: int) -> None:
@@ -262,12 +312,14 @@ def _write_shard(scratch: Path, template: faiss.Index, vectors: PartVectors, i: 
         block_files = []
         for a in range(start, end, config.add_block):
             index = faiss.clone_index(template)
-            index.add(vectors.rows(a, min(end, a + config.add_block)))
+            b = min(end, a + config.add_block)
+            index.add_with_ids(vectors.rows(a, b), np.arange(a - start, b - start, dtype=np.int64))  # shard-local ids
             block_files.append(str(Path(blocks) / f"block-{len(block_files):06d}.faiss"))
             faiss.write_index(index, block_files[-1])
             del index
         merged = faiss.clone_index(template)
-        merge_ondisk(merged, block_files, str(scratch / f"{name}.ivfdata"))
+        with faiss_chatter_to_stderr():
+            merge_ondisk(merged, block_files, str(scratch / f"{name}.ivfdata"))
         info = _write_faiss(merged, scratch / f"{name}.faiss")
         del merged
     ivfdata = FileInfo.of(scratch, f"{name}.ivfdata")
@@ -275,13 +327,10 @@ def _write_shard(scratch: Path, template: faiss.Index, vectors: PartVectors, i: 
 
 
 def _write_vectors(scratch: Path, vectors: PartVectors, block: int) -> FileInfo:
-    path = scratch / VECTORS_NAME
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(vectors.n, vectors.dim))
+    stream = _NpyStream(scratch / VECTORS_NAME, np.float16, (vectors.n, vectors.dim))
     for a in range(0, vectors.n, block):
-        out[a : a + block] = vectors.rows(a, min(vectors.n, a + block))
-    out.flush()
-    del out
-    return FileInfo.of(scratch, VECTORS_NAME)
+        stream.append(vectors.rows(a, min(vectors.n, a + block)))
+    return stream.close()
 
 
 def write_index(scratch: Path, directory: Path, config: BuildConfig) -> Manifest:
@@ -289,10 +338,17 @@ def write_index(scratch: Path, directory: Path, config: BuildConfig) -> Manifest
     manifest into ``scratch``, from the embeddings in ``directory``."""
     layout, metas = load_parts(directory)
     vectors = PartVectors(directory, layout, metas)
+    try:
+        return _write_index(scratch, directory, config, layout, metas, vectors)
+    finally:
+        vectors.close()
+
+
+def _write_index(scratch: Path, directory: Path, config: BuildConfig, layout: EmbeddingsLayout,
+                 metas: list[PartMeta], vectors: PartVectors) -> Manifest:
     if vectors.n == 0:
         raise CorpusFormatError([f"{directory}: no non-empty documents in the corpus"])
     template = check_factory(config, vectors.dim, vectors.n)
-    table = doc_table(directory, metas)
     if not template.is_trained:
         size = min(vectors.n, config.train_size or default_train_size(config.factory, template))
         ids = np.sort(np.random.default_rng(config.seed).choice(vectors.n, size=size, replace=False))
@@ -311,7 +367,7 @@ def write_index(scratch: Path, directory: Path, config: BuildConfig) -> Manifest
         empty_documents=sum(m.empty_documents for m in metas),
         corpus_root=layout.corpus_root,
         corpus=corpus_files(layout, metas),
-        doc_table=_save_npy(table, scratch / DOC_TABLE_NAME),
+        doc_table=write_doc_table(scratch / DOC_TABLE_NAME, directory, metas),
         shards=shards,
         vectors=_write_vectors(scratch, vectors, config.add_block) if config.store_vectors else None,
         layout={"on_disk": config.on_disk, "refine": config.store_vectors},

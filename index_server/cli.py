@@ -1,4 +1,4 @@
-"""``ttt-index``: write the default corpus, embed, build, inspect and serve sharded indexes.
+"""``ttt-index``: write the default corpus, embed, build, plan, inspect and serve sharded indexes.
 
 Argument defaults come from the config dataclasses (``EncoderConfig``, ``EmbedConfig``,
 ``BuildConfig``, ``ServerConfig``, ``IndexOptions``), never repeated here.
@@ -64,6 +64,12 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import build_index
 
+    if args.max_memory:
+        from .plan import choose_layout
+
+        chosen = choose_layout(args.max_memory, args.embeddings, tuple(args.corpus), _encoder(args))
+        print(f"--max-memory {args.max_memory}: chose {chosen.describe()}")
+        args.factory, args.on_disk, args.refine = chosen.factory, chosen.on_disk, chosen.refine
     manifest = build_index(BuildConfig(
         output=args.out, corpus=tuple(args.corpus), embeddings=args.embeddings, encoder=_encoder(args),
         factory=args.factory, metric=args.metric, shards=args.shards, train_size=args.train_size, on_disk=args.on_disk,
@@ -75,6 +81,12 @@ def _cmd_build(args: argparse.Namespace) -> None:
           + (", on-disk lists" if args.on_disk else "") + (", stored vectors for exact re-ranking" if args.refine else "")
           + (f", {manifest.empty_documents} empty documents left out" if manifest.empty_documents else ""))
     print(f"written to {args.out}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .plan import plan_table
+
+    print(plan_table(args.vectors, args.dim, args.max_memory, args.max_disk))
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -198,9 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=BUILD["train_size"], help="vectors sampled to train IVF/PQ (default: 64 per centroid)")
     p.add_argument("--on-disk", action="store_true", help="IVF inverted lists in an on-disk file per shard")
     p.add_argument("--refine", action="store_true", help="store float16 vectors and re-rank candidates exactly")
+    p.add_argument("--max-memory", help="choose factory/--on-disk/--refine for this RAM budget (e.g. 64G; see `plan`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index directory (only one built by ttt-index)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("plan", help="index layouts for a corpus size and a memory budget, and the one chosen",
+                       description="Prints candidate factory strings with bytes per vector in RAM and on disk, "
+                                   "the recall measured by benchmarks/bench_scale.py, and the layout chosen.")
+    p.add_argument("--vectors", required=True, help="number of vectors, e.g. 210M")
+    p.add_argument("--dim", type=int, required=True, help="embedding dimension")
+    p.add_argument("--max-memory", required=True, help="RAM budget of one machine, e.g. 64G")
+    p.add_argument("--max-disk", help="disk budget, e.g. 2T (default: unlimited)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("info", help="print an index manifest; --verify checks files against it")
     p.add_argument("index", type=Path)

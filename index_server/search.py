@@ -13,6 +13,9 @@ distances computed from that memory-mapped copy.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,23 +92,41 @@ def exact_distances(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np
     return np.einsum("nd,nmd->nm", queries, vectors, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def faiss_chatter_to_stderr():
+    """Faiss's C++ code prints notes (on-disk list paths, resizing) to file descriptor 1;
+    a server's stdout carries its one parseable 'serving ... on host:port' line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def read_shard_index(path: Path, on_disk: bool) -> faiss.Index:
-    """Load a shard, memory-mapped where the index type allows it; on-disk inverted lists
-    are found next to the shard file wherever the index directory has moved."""
-    extra = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0
+    """Load a shard, memory-mapped where the index type allows it. On-disk inverted lists
+    are memory-mapped by Faiss itself and found next to the shard file wherever the index
+    directory has moved (mapping the shard file too crashes Faiss 1.15 at search time)."""
+    if on_disk:
+        with faiss_chatter_to_stderr():
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     for flags in (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY):
         try:
-            return faiss.read_index(str(path), flags | extra)
+            return faiss.read_index(str(path), flags)
         except RuntimeError:
             continue
-    return faiss.read_index(str(path), extra)
+    return faiss.read_index(str(path))
 
 
 def apply_search_params(index: faiss.Index, options: IndexOptions) -> None:
+    """nprobe for IVF indexes, efSearch for HNSW; an index without the knob ignores it."""
     space = faiss.ParameterSpace()
-    if options.nprobe is not None:
+    if options.nprobe is not None and faiss.try_extract_index_ivf(index) is not None:
         space.set_index_parameter(index, "nprobe", options.nprobe)
-    if options.ef_search is not None:
+    if options.ef_search is not None and "HNSW" in type(faiss.downcast_index(index)).__name__:
         space.set_index_parameter(index, "efSearch", options.ef_search)
 
 

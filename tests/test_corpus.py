@@ -76,13 +76,14 @@ def test_store_reads_exact_texts_through_offsets_and_skips_empty_documents(tmp_p
     b = write(tmp_path / "b.jsonl", b'\n{"text": "gamma"}\r\n')  # blank line and CRLF
     layout, scanned = scan(a, b, parts=parts)
     assert sum(s.meta.empty_documents for s in scanned) == 2
-    from index_server.build import corpus_files, doc_table
+    from index_server.build import corpus_files, doc_tables
 
     for s in scanned:  # doc_table reads the parts' files: write them as an embed run would
         from index_server.embed import write_part
 
         write_part(tmp_path, s, np.zeros((s.meta.n_docs, 4), dtype="float32"))
-    store = CorpusStore(corpus_files(layout, [s.meta for s in scanned]), doc_table(tmp_path, [s.meta for s in scanned]),
+    metas = [s.meta for s in scanned]
+    store = CorpusStore(corpus_files(layout, metas), np.concatenate(list(doc_tables(tmp_path, metas))),
                         Path(layout.corpus_root))
     assert [store.text(i) for i in range(len(store))] == ["alpha ünïcode", "beta\nline", "gamma"]
     doc = store.document(2)
