@@ -153,6 +153,8 @@ class DynamicEvalLM(NeighbourLM):
     def check_settings(self, hf_kwargs: dict) -> None:
         super().check_settings(hf_kwargs)
         check_train_settings(self.settings_of(TrainSettings), hf_kwargs)
+        if self.settings_of(TrainSettings).doc_batch > 1:
+            raise ModelArgumentError("ttt-nn-dyneval trains on each document's own windows in turn: doc_batch must be 1")
 
     def identity(self) -> dict:
         return {**super().identity(), "lr": self.trainer.config.lr}

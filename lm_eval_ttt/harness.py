@@ -98,6 +98,7 @@ class NeighbourLM(HFLM):
         output = harness_output_path()
         self.log_dir = Path(s.log_dir) if s.log_dir else (output / "ttt-nn-logs" if output else Path("ttt-nn-logs"))
         super().__init__(pretrained=pretrained, **hf_kwargs)
+        self._model_fingerprint = model_fingerprint(self.model)  # before any method adds adapters
         self.seed = s.seed if s.seed is not None else harness_seed
         self.k = s.k if self.uses_retrieval else 0
         self.retriever = retriever
@@ -140,7 +141,7 @@ class NeighbourLM(HFLM):
             "format": LOG_FORMAT,
             "method": self.method,
             "pretrained": self._pretrained_name,
-            "model": model_fingerprint(self.model),
+            "model": self._model_fingerprint,
             "tokenizer": [getattr(self.tokenizer, "name_or_path", None), len(self.tokenizer)],
             "hf": hf_scoring_values(self._hf_kwargs),
             "max_length": self.max_length,

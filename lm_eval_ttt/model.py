@@ -13,6 +13,7 @@ import time
 
 from .documents import Document
 from .harness import NeighbourLM
+from .lora import BatchedLoRATrainer, score_pairs
 from .retriever import Neighbours
 from .settings import ModelArgumentError, NeighbourSettings, TrainSettings, TTTSettings
 from .trainers import build_trainer
@@ -57,6 +58,75 @@ class TTTNNLM(NeighbourLM):
         texts = [t[: cap * _CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
         tokens = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         return tokens[::-1] if self.ttt_settings.order == "farthest" else tokens
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.trainer, BatchedLoRATrainer)
+
+    def document_batches(self, documents: list[Document]) -> list[list[Document]]:
+        """doc_batch documents at a time, similar lengths together (less padding)."""
+        if not self.batched:
+            return super().document_batches(documents)
+        ordered = sorted(documents, key=lambda d: len(d.text))
+        size = self.train_settings.doc_batch
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+    def batched_results(self, documents: list[Document]) -> list[list]:
+        """Each document's answers with its own adapter (slot = its position in the batch)."""
+        adapters = self.trainer.adapters
+        pairs, owners = [], []
+        for slot, document in enumerate(documents):
+            if document.request_type == "loglikelihood_rolling":
+                doc_pairs = self.windows(document.text)
+            elif document.request_type == "loglikelihood":
+                doc_pairs = self.encode_pairs(document)
+            else:
+                continue
+            pairs += [(slot, ctx, cont) for ctx, cont in doc_pairs]
+            owners += [slot] * len(doc_pairs)
+        scored = score_pairs(self, adapters, pairs, batch=self.batch_size * len(documents))
+        results = []
+        for slot, document in enumerate(documents):
+            mine = [s for s, owner in zip(scored, owners) if owner == slot]
+            if document.request_type == "loglikelihood_rolling":
+                results.append([sum(ll for ll, _ in mine)])
+            elif document.request_type == "loglikelihood":
+                results.append([list(x) for x in mine])
+            else:
+                with adapters.use(slot):
+                    results.append(self.stock_results(document))
+        return results
+
+    def score_documents(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
+        """doc_batch > 1: train every document of the batch at once, each on its own adapter;
+        timings are the batch's, split evenly over its documents."""
+        if not self.batched:
+            return super().score_documents(documents, neighbours)
+        tokens = [self.neighbour_tokens(n) for n in neighbours]
+        scores: list[dict] = [{} for _ in documents]
+        losses: list[list] = [[] for _ in documents]
+        timings = {"train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
+        done = 0
+        try:
+            for point in self.eval_at_k:
+                t = time.perf_counter()
+                if point > done:
+                    for i, trained in enumerate(self.trainer.train([tok[done:point] for tok in tokens])):
+                        losses[i] += trained
+                done = point
+                timings["train_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                for i, results in enumerate(self.batched_results(documents)):
+                    scores[i][str(min(point, len(tokens[i])))] = results
+                timings["score_s"] += time.perf_counter() - t
+        finally:
+            t = time.perf_counter()
+            self.trainer.reset()
+            timings["reset_s"] = time.perf_counter() - t
+        share = {key: value / len(documents) for key, value in timings.items()}
+        return [{"results": scores[i][str(min(self.k, len(tokens[i])))], "results_at_k": scores[i],
+                 "chunk_losses": losses[i], "train_steps": sum(map(len, losses[i])), "doc_batch": len(documents),
+                 **share} for i in range(len(documents))]
 
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         """Train up to each scoring point, score, and reset at the end."""

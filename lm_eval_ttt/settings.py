@@ -99,6 +99,8 @@ class TrainSettings:
                                                      "(default: what peft infers for the architecture)")
     doc_batch: int = arg(1, "adapter=lora: documents trained at once, each with its own adapter", minimum=1,
                          scoring=False)
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass instead of keeping them: "
+                                              "less memory, ~30% more compute", scoring=False)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Which weights test-time training updates, and the trainer that updates them.
 
 * ``adapter=none`` (default): every weight, reset from a snapshot (``ttt.TestTimeTrainer``).
+* ``adapter=lora``: fresh low-rank adapters through peft, base frozen (``lora.py``); with
+  ``doc_batch`` > 1, per-document adapters trained in one batch (``BatchedLoRATrainer``).
 * ``peft=ADAPTER`` (HFLM's own argument: a trained adapter loaded over the base model):
   the adapter's weights are trained and reset; the base stays frozen.
 """
@@ -41,10 +43,25 @@ def n_parameters(model: torch.nn.Module) -> int:
 
 
 def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_optimizer: bool):
-    """The trainer of a harness model ``lm`` (an HFLM) for the given settings."""
+    """The trainer of a harness model ``lm`` (an HFLM) for the given settings; with adapters,
+    ``lm``'s model is replaced by the adapted one."""
+    from .lora import DEFAULT_LORA_LR, BatchedLoRA, BatchedLoRATrainer, add_lora
+
     if lm.peft:
         _train_loaded_adapter(lm.model)
-    lr = t.lr if t.lr is not None else default_lr(n_parameters(lm.model))
+    if t.lr is not None:
+        lr = t.lr
+    else:
+        lr = DEFAULT_LORA_LR if t.adapter == "lora" else default_lr(n_parameters(lm.model))
     config = TTTConfig(lr=lr, max_length=lm.max_length, max_neighbor_tokens=max_neighbor_tokens,
                        reset_optimizer=reset_optimizer, seed=lm.seed, precision=t.precision, compile=t.compile)
+    if t.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.adapter == "lora":
+        adapted = add_lora(lm.model, t, lm.seed)
+        if t.doc_batch > 1:
+            adapters = BatchedLoRA(adapted, t.doc_batch)
+            lm._model = adapters.model
+            return BatchedLoRATrainer(adapters, config, pad_id=lm.tokenizer.pad_token_id or 0)
+        lm._model = adapted
     return TestTimeTrainer(lm.model, config)

@@ -1,0 +1,252 @@
+"""Parameter-efficient test-time training: low-rank adapters instead of every weight.
+
+``adapter=lora`` wraps the model with peft (``LoraConfig``; by default every linear layer
+peft finds in the architecture, ``"all-linear"``: the attention and MLP projections). Only
+the adapters train; the base weights are frozen and never written, so no snapshot of them is
+taken: a reset copies the adapters' initial values back (a few MB) and clears Adam's state.
+
+``doc_batch=B`` trains B documents at once, each with its own adapter, in one forward and
+backward pass. peft cannot give each row of a batch its own adapter while training, so this
+part is written here (as the openai/parameter-golf LoRA-TTT record does): the adapters peft
+initialised are copied into B slots of per-document low-rank matrices, applied by forward
+hooks on the same linear layers (row i of a batch uses slot ``slots[i]``); ``BatchedAdamW``
+is torch's AdamW with per-slot step counts, per-slot gradient clipping, and updates only for
+the slots that trained in a step. Documents are scored with their own slot. Results equal
+``doc_batch=1`` to float rounding (different matmul shapes and reduction orders), provided
+dropout is off (the default lora_dropout=0 and a dropout-free base model): a batch draws
+its dropout masks in another order than one document at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .settings import ModelArgumentError, TrainSettings
+from .ttt import TTTConfig, chunk_tokens
+
+DEFAULT_LORA_LR = 1e-4
+ADAPTER = "default"
+
+
+def lora_config(t: TrainSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
+                      target_modules=list(t.lora_targets) if t.lora_targets else "all-linear")
+
+
+def add_lora(model: torch.nn.Module, t: TrainSettings, seed: int):
+    """The model wrapped with fresh adapters (initialised from ``seed``), base frozen."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, lora_config(t))
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+        raise ModelArgumentError(f"adapter=lora: peft cannot adapt {type(model).__name__} ({e}); name the layers to "
+                                 f"adapt with lora_targets=, e.g. lora_targets=q_proj:v_proj") from e
+
+
+def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class BatchedLoRA:
+    """Per-document adapters on the layers peft chose, as forward hooks on the base layers."""
+
+    def __init__(self, peft_model, slots: int):
+        self.slots = slots
+        self.A, self.B, self.scale, self.dropout, self.hooks = {}, {}, {}, {}, []
+        self._rows: torch.Tensor | None = None
+        layers = lora_layers(peft_model)
+        init = {name: (m.lora_A[ADAPTER].weight.detach().clone(), m.lora_B[ADAPTER].weight.detach().clone(),
+                       m.scaling[ADAPTER], m.lora_dropout[ADAPTER]) for name, m in layers.items()}
+        self.model = peft_model.unload()  # the plain base model again; the hooks carry the adapters
+        modules = dict(self.model.named_modules())
+        for peft_name, (a, b, scale, dropout) in init.items():
+            name = peft_name.removeprefix("base_model.model.")
+            self.A[name] = torch.nn.Parameter(a.unsqueeze(0).repeat(slots, 1, 1))
+            self.B[name] = torch.nn.Parameter(b.unsqueeze(0).repeat(slots, 1, 1))
+            self.scale[name], self.dropout[name] = scale, dropout
+            self.hooks.append(modules[name].register_forward_hook(self._hook(name)))
+        self.initial = [(p.detach().clone()) for p in self.parameters()]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name in self.A for p in (self.A[name], self.B[name])]
+
+    def _hook(self, name: str):
+        def add_adapter(module, args, output):
+            if self._rows is None:
+                return output
+            rows = self._rows.expand(output.shape[0]) if self._rows.numel() == 1 else self._rows
+            x = self.dropout[name](args[0])
+            low = torch.bmm(x, self.A[name][rows].transpose(1, 2))
+            return output + torch.bmm(low, self.B[name][rows].transpose(1, 2)) * self.scale[name]
+
+        return add_adapter
+
+    @contextlib.contextmanager
+    def use(self, slots: Sequence[int] | int):
+        """Row i of the next forward passes uses adapter ``slots[i]`` (an int: every row)."""
+        device = next(iter(self.A.values())).device
+        self._rows = torch.as_tensor([slots] if isinstance(slots, int) else list(slots), device=device)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.parameters(), self.initial):
+                p.copy_(saved)
+                p.grad = None
+
+
+class BatchedAdamW:
+    """torch's AdamW (decoupled weight decay, bias-corrected moments) over parameters whose
+    first dimension is the document slot, with a step count per slot; ``step(active)``
+    updates only the slots that trained."""
+
+    def __init__(self, params: list[torch.nn.Parameter], config: TTTConfig, slots: int, betas=(0.9, 0.999)):
+        self.params, self.config, self.betas = params, config, betas
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self.steps = torch.zeros(slots, dtype=torch.float64)
+
+    def clip(self) -> None:
+        """Gradient norm clipping per slot, as clip_grad_norm_ does for one document."""
+        norms = torch.zeros(len(self.steps), dtype=torch.float32, device=self.params[0].device)
+        for p in self.params:
+            norms += p.grad.flatten(1).pow(2).sum(1)
+        coef = (self.config.grad_clip / (norms.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        lr, eps, wd = self.config.lr, self.config.eps, self.config.weight_decay
+        self.steps[active.cpu()] += 1
+        steps = self.steps.clamp(min=1)
+        step_size = (lr / (1 - beta1 ** steps)).to(torch.float32)
+        bias2_sqrt = ((1 - beta2 ** steps) ** 0.5).to(torch.float32)
+        mask = active.to(self.params[0].device)
+        for p, (exp_avg, exp_avg_sq) in zip(self.params, self.state):
+            shape = (-1, *[1] * (p.dim() - 1))
+            m = mask.view(shape)
+            g = p.grad
+            new_p = p * (1 - lr * wd)
+            new_avg = exp_avg.lerp(g, 1 - beta1)
+            new_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+            denom = new_sq.sqrt() / bias2_sqrt.to(p.device).view(shape) + eps
+            new_p = new_p - step_size.to(p.device).view(shape) * new_avg / denom
+            p.copy_(torch.where(m, new_p, p))
+            exp_avg.copy_(torch.where(m, new_avg, exp_avg))
+            exp_avg_sq.copy_(torch.where(m, new_sq, exp_avg_sq))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def reset(self) -> None:
+        for exp_avg, exp_avg_sq in self.state:
+            exp_avg.zero_()
+            exp_avg_sq.zero_()
+        self.steps.zero_()
+
+
+class BatchedLoRATrainer:
+    """Up to ``slots`` documents trained at once, each on its own neighbours and adapter."""
+
+    __test__ = False
+
+    def __init__(self, adapters: BatchedLoRA, config: TTTConfig, pad_id: int):
+        self.adapters, self.config, self.pad_id = adapters, config, pad_id
+        self.model = adapters.model
+        self.device = next(self.model.parameters()).device
+        self.optimizer = BatchedAdamW(adapters.parameters(), config, adapters.slots)
+
+    def _losses(self, rows: list[list[int]]) -> torch.Tensor:
+        """Mean next-token loss of each row (right-padded batch; causal attention keeps the
+        real tokens blind to the padding after them)."""
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, device=self.device)
+        labels = torch.full((len(rows), width), -100, device=self.device)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            labels[i, : len(row)] = ids[i, : len(row)]
+        logits = self.model(input_ids=ids).logits[:, :-1].float()
+        token_loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        counts = (labels[:, 1:] != -100).sum(1)
+        return token_loss.sum(1) / counts
+
+    def train(self, neighbour_tokens: list[list[list[int]]]) -> list[list[list[float]]]:
+        """Per document, its neighbours' token lists in training order; returns per document
+        its per-neighbour chunk losses. Step t trains chunk t of every document that has one."""
+        per_doc = []
+        for neighbours in neighbour_tokens:
+            chunks = []
+            for n, tokens in enumerate(neighbours):
+                chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length, self.config.max_neighbor_tokens)]
+            per_doc.append(chunks)
+        losses: list[list[list[torch.Tensor]]] = [[[] for _ in n] for n in neighbour_tokens]
+        torch.manual_seed(self.config.seed)
+        self.model.train()
+        try:
+            for t in range(max(map(len, per_doc), default=0)):
+                active = [d for d, chunks in enumerate(per_doc) if t < len(chunks)]
+                with torch.enable_grad(), self.adapters.use(active):
+                    row_losses = self._losses([per_doc[d][t][1] for d in active])
+                    row_losses.sum().backward()
+                mask = torch.zeros(self.adapters.slots, dtype=torch.bool)
+                mask[active] = True
+                self.optimizer.clip()
+                self.optimizer.step(mask)
+                self.optimizer.zero_grad()
+                for d, loss in zip(active, row_losses.detach()):
+                    losses[d][per_doc[d][t][0]].append(loss)
+        finally:
+            self.model.eval()
+        flat = [x for doc in losses for n in doc for x in n]
+        values = torch.stack(flat).tolist() if flat else []
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"non-finite training loss in {values}")
+        it = iter(values)
+        return [[[next(it) for _ in n] for n in doc] for doc in losses]
+
+    def reset(self) -> None:
+        self.adapters.reset()
+        self.optimizer.reset()
+
+
+def score_pairs(lm, adapters: BatchedLoRA, pairs: list[tuple[int, list[int], list[int]]], batch: int
+                ) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of each (slot, context, continuation) with its slot's adapter,
+    computed as HFLM's ``_loglikelihood_tokens`` computes them (right padding, the last
+    ``max_length`` tokens, the continuation's log-softmax)."""
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][1]) - len(pairs[i][2]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch):
+            chunk = order[start : start + batch]
+            inputs = [(pairs[i][1] + pairs[i][2])[-(lm.max_length + 1) :][:-1] for i in chunk]
+            width = max(map(len, inputs))
+            ids = torch.zeros((len(inputs), width), dtype=torch.long, device=lm.device)
+            for row, tokens in enumerate(inputs):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+            with adapters.use([pairs[i][0] for i in chunk]), torch.autocast(
+                    lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None):
+                logprobs = F.log_softmax(lm.model(ids).logits, dim=-1, dtype=lm.softmax_dtype)
+            for row, i in enumerate(chunk):
+                cont = pairs[i][2]
+                length = len(inputs[row])
+                logits = logprobs[row, length - len(cont) : length]
+                targets = torch.tensor(cont, device=lm.device)
+                out[i] = (float(logits.gather(1, targets[:, None]).sum()), bool((logits.argmax(-1) == targets).all()))
+    return out

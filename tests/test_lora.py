@@ -1,0 +1,117 @@
+"""Parameter-efficient TTT (issue 13): adapters through peft, many documents per batch."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from conftest import make_lm, requests
+from lm_eval_ttt.lora import BatchedLoRATrainer
+from lm_eval_ttt.model import TTTNNLM
+from lm_eval_ttt.runlog import read_log
+from lm_eval_ttt.settings import ModelArgumentError
+
+# doc_batch=B equals doc_batch=1 to float rounding, not bit for bit: batched matmuls and a
+# hand-written AdamW round in another order than peft's layers and torch's AdamW. Measured:
+# at most 7e-8 relative per document (8 documents, k=5, lr=1e-2); 1e-5 leaves room for
+# other BLAS builds.
+BATCH_TOLERANCE = 1e-5
+
+
+def base_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            digest.update(name.removeprefix("base_model.model.").replace(".base_layer", "").encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lora(tmp_path, tiny_lm, index, **kw):
+    args = dict(k=3, adapter="lora", lora_r=4, lr=1e-2, eval_at_k="0", max_neighbor_tokens=96)
+    args.update(kw)
+    return make_lm(TTTNNLM, tmp_path, tiny_lm, index, **args)
+
+
+def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, small_index, test_docs, tmp_path):
+    plain = make_lm(TTTNNLM, tmp_path / "plain", tiny_lm, None, k=0)
+    before = base_hash(plain.model)
+    lm = lora(tmp_path, tiny_lm, small_index)
+    assert sum(p.numel() for p in lm.model.parameters() if p.requires_grad) < 0.1 * sum(
+        p.numel() for p in lm.model.parameters())
+    assert not any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" not in n)
+    initial = {n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
+    lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
+    records = list(read_log(lm.log_stem).values())
+    hf = HFLM.loglikelihood_rolling(plain, requests(test_docs), disable_tqdm=True)
+    by_key = {r["doc_key"]: r for r in records}
+    from lm_eval_ttt.documents import group_documents
+
+    docs = group_documents("loglikelihood_rolling", requests(test_docs))
+    k0 = [by_key[d.key]["results_at_k"]["0"][0] for d in docs]
+    assert k0 == pytest.approx(hf, rel=1e-6)  # zero-initialised B: adapters change nothing until trained
+    assert all(by_key[d.key]["results"] != by_key[d.key]["results_at_k"]["0"] for d in docs)  # training does
+    assert base_hash(lm.model) == before  # the base weights are never written
+    after = {n: p.detach() for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(after[n], initial[n]) for n in initial)  # reset = the initial adapters
+    assert len(lm.trainer.optimizer.state) == 0
+    fresh = lora(tmp_path / "fresh", tiny_lm, small_index)  # the same seed gives the same fresh adapters
+    assert all(torch.equal(p, initial[n]) for n, p in fresh.model.named_parameters() if p.requires_grad)
+
+
+def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default_corpus, tmp_path):
+    import json
+
+    texts = [json.loads(line)["text"] for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8")]
+    docs = [t for t in texts if 300 < len(t) < 4000][:5]  # 5 documents: a batch of 4 and one of 1
+    one = lora(tmp_path / "one", tiny_lm, small_index, eval_at_k="0:2")
+    four = lora(tmp_path / "four", tiny_lm, small_index, eval_at_k="0:2", doc_batch=4)
+    assert isinstance(four.trainer, BatchedLoRATrainer)
+    assert one.log_stem.name == four.log_stem.name  # doc_batch does not change a score (beyond rounding)
+    a = one.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    b = four.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    assert a == pytest.approx(b, rel=BATCH_TOLERANCE)
+    assert a != pytest.approx(HFLM.loglikelihood_rolling(one, requests(docs), disable_tqdm=True), rel=1e-6)
+    records_one, records_four = read_log(one.log_stem), read_log(four.log_stem)
+    for key, r in records_one.items():
+        assert r["results_at_k"]["0"][0] == pytest.approx(records_four[key]["results_at_k"]["0"][0], rel=1e-6)
+        losses_one = [x for n in r["chunk_losses"] for x in n]
+        losses_four = [x for n in records_four[key]["chunk_losses"] for x in n]
+        assert losses_one == pytest.approx(losses_four, rel=BATCH_TOLERANCE)
+    assert sorted(r["doc_batch"] for r in records_four.values()) == [1, 4, 4, 4, 4]
+    adapters = four.trainer.adapters  # after the batches: adapters and Adam as freshly initialised
+    assert all(torch.equal(p, saved) for p, saved in zip(adapters.parameters(), adapters.initial))
+    assert all(not m.any() and not v.any() for m, v in four.trainer.optimizer.state)
+    assert not four.trainer.optimizer.steps.any()
+
+
+def test_doc_batch_answers_every_request_type(tiny_lm, small_index, tmp_path):
+    mc = [Instance("loglikelihood", {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", d, 1))
+          for d in range(3) for c in (" json", " os")]
+    gen = [Instance("generate_until", {}, (f"def f{d}(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 5}), 0,
+                    metadata=("gen", d, 1)) for d in range(3)]
+    one = lora(tmp_path / "one", tiny_lm, small_index)
+    four = lora(tmp_path / "four", tiny_lm, small_index, doc_batch=4)
+    lls_one, lls_four = one.loglikelihood(mc), four.loglikelihood(mc)
+    assert [x[0] for x in lls_four] == pytest.approx([x[0] for x in lls_one], rel=BATCH_TOLERANCE)
+    assert four.generate_until(gen) == one.generate_until(gen)
+
+
+def test_bad_adapter_settings_are_clear_errors(tiny_lm, small_index, tmp_path):
+    with pytest.raises(ModelArgumentError, match="doc_batch > 1 needs adapter=lora"):
+        make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, doc_batch=4)
+    with pytest.raises(ModelArgumentError, match="adapter=lora: peft cannot adapt LlamaForCausalLM"):
+        lora(tmp_path, tiny_lm, small_index, lora_targets="no_such_layer")
+    with pytest.raises(ModelArgumentError, match="cannot be combined with peft="):
+        lora(tmp_path, tiny_lm, small_index, peft="some-adapter")
+
+
+def test_adapter_settings_change_the_identity(tiny_lm, small_index, tmp_path):
+    base = lora(tmp_path, tiny_lm, small_index)
+    assert lora(tmp_path, tiny_lm, small_index).log_stem == base.log_stem
+    for change in ({"lora_r": 8}, {"lora_alpha": 8.0}, {"lora_targets": "q_proj:v_proj"}, {"adapter": "none"}):
+        assert lora(tmp_path, tiny_lm, small_index, **change).log_stem != base.log_stem, change
