@@ -3,8 +3,8 @@
 ``atomic_output`` yields a scratch sibling directory that replaces the target only when the
 block succeeds. The scratch directory carries the owner's pid: SIGTERM removes it on the
 way out, and after a SIGKILL the next ``atomic_output`` on the same target finds and removes
-it. ``--overwrite`` only ever replaces a directory that holds ``marker`` (the manifest of an
-index this tool built) and never one that holds an input of the job.
+it. ``--overwrite`` only ever replaces a directory that ``is_ours`` recognises (an index this
+tool built: its manifest loads) and never one that holds an input of the job.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,13 +49,13 @@ def remove_stale_scratch(output: Path) -> list[Path]:
     return removed
 
 
-def check_replaceable(output: Path, marker: str | None, inputs: Sequence[Path] = ()) -> None:
+def check_replaceable(output: Path, is_ours: Callable[[Path], bool] | None, inputs: Sequence[Path] = ()) -> None:
     """Refuse to replace ``output`` unless it is what this tool writes and holds no input."""
     if not output.is_dir():
         raise FileExistsError(f"{output} exists and is not a directory; refusing to replace it")
-    if marker is None or not (output / marker).is_file():
-        raise FileExistsError(f"{output} is not an output of this tool (no {marker}); refusing to delete it with "
-                              f"--overwrite. Choose another --out or remove it yourself")
+    if is_ours is None or not is_ours(output):
+        raise FileExistsError(f"{output} is not an output of this tool; refusing to delete it with --overwrite. "
+                              f"Choose another --out or remove it yourself")
     resolved = output.resolve()
     for item in inputs:
         item = Path(item).resolve()
@@ -64,7 +64,7 @@ def check_replaceable(output: Path, marker: str | None, inputs: Sequence[Path] =
 
 
 @contextmanager
-def _remove_on_sigterm(scratch: Path) -> Iterator[None]:
+def _sigterm_raises() -> Iterator[None]:
     """SIGTERM becomes SystemExit while the block runs (main thread only), so the scratch
     directory is removed by the normal cleanup path."""
     if threading.current_thread() is not threading.main_thread():
@@ -82,7 +82,22 @@ def _remove_on_sigterm(scratch: Path) -> Iterator[None]:
 
 
 @contextmanager
-def atomic_output(output: Path, overwrite: bool = False, marker: str | None = None,
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT wait while the target is swapped (two renames), so a stop request
+    cannot leave the old output renamed away and the new one deleted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+@contextmanager
+def atomic_output(output: Path, overwrite: bool = False, is_ours: Callable[[Path], bool] | None = None,
                   inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a scratch sibling directory that replaces ``output`` only if the block succeeds.
 
@@ -97,23 +112,25 @@ def atomic_output(output: Path, overwrite: bool = False, marker: str | None = No
     if output.exists():
         if not overwrite:
             raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-        check_replaceable(output, marker, inputs)
+        check_replaceable(output, is_ours, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}{_SCRATCH_TAG}", dir=output.parent))
     (scratch / _OWNER_FILE).write_text(str(os.getpid()))
     try:
-        with _remove_on_sigterm(scratch):
+        with _sigterm_raises():
             yield scratch
             (scratch / _OWNER_FILE).unlink()
             scratch.chmod(0o755)  # mkdtemp creates it private
-            if output.exists():
-                old = output.with_name(f".{output.name}{_SCRATCH_TAG}old-{os.getpid()}")
-                output.rename(old)  # two renames: the target is never half deleted
+            with _signals_held():
+                old = None
+                if output.exists():
+                    old = output.with_name(f".{output.name}{_SCRATCH_TAG}old-{os.getpid()}")
+                    (output / _OWNER_FILE).write_text(str(os.getpid()))  # found and removed if we die now
+                    output.rename(old)  # two renames: the target is never half deleted
                 scratch.rename(output)
+            if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            else:
-                scratch.rename(output)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

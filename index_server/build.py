@@ -20,6 +20,7 @@ All output goes to a scratch sibling directory that replaces the target only whe
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from .corpus import DOC_TABLE_DTYPE, CorpusFile, CorpusFormatError
 from .digest import file_fingerprint
 from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
 from .encoder import EncoderConfig
-from .manifest import DOC_TABLE_NAME, MANIFEST_NAME, FileInfo, Manifest, ShardInfo
+from .manifest import DOC_TABLE_NAME, FileInfo, Manifest, ShardInfo
 from .search import faiss_chatter_to_stderr
 
 VECTORS_NAME = "vectors.f16.npy"
@@ -86,6 +87,12 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def default_nprobe(nlist: int) -> int:
+    """Lists an IVF index probes unless told otherwise: 1/32 of them, at most 256 (Faiss's
+    own default of 1 gives poor recall)."""
+    return max(1, min(256, nlist // 32))
+
+
 def min_training_points(factory: str, index: faiss.Index) -> int:
     """The fewest training vectors the factory can be trained on (one per centroid/codeword)."""
     if index.is_trained:
@@ -111,6 +118,8 @@ def check_factory(config: BuildConfig, dim: int, n: int) -> faiss.Index:
     needed = min_training_points(config.factory, template)
     if needed > n:
         raise ValueError(f"index {config.factory!r} needs at least {needed} training vectors; corpus has {n}")
+    if config.train_size is not None and config.train_size < needed:
+        raise ValueError(f"--train-size {config.train_size} is below the {needed} vectors {config.factory!r} trains on")
     if config.on_disk and faiss.try_extract_index_ivf(template) is None:
         raise ValueError(f"--on-disk needs an IVF index (e.g. IVF4096,PQ64), got {config.factory!r}")
     return template
@@ -137,27 +146,53 @@ class PartVectors:
     and grow with the corpus)."""
 
     def __init__(self, directory: Path, layout: EmbeddingsLayout, metas: list[PartMeta]):
-        self.files, self.offsets, self.counts = [], [], []
+        self.files, self.offsets, self.counts, self.paths = [], [], [], []
         self.dtype, self.dim = np.dtype(layout.dtype), layout.dim
-        for meta in metas:
-            path = directory / f"{part_name(meta.index)}.npy"
-            shape, dtype, offset = _npy_header(path)
-            if shape != (meta.n_docs, layout.dim) or dtype != self.dtype:
-                raise CorpusFormatError([f"{path}: holds {shape} {dtype}, expected ({meta.n_docs}, {layout.dim}) "
-                                         f"{layout.dtype} (a part of another run?)"])
-            if path.stat().st_size < offset + meta.n_docs * layout.dim * dtype.itemsize:
-                raise CorpusFormatError([f"{path}: truncated embedding part; delete it and its .json, then rerun "
-                                         f"`ttt-index embed` to redo it"])
-            self.files.append(os.open(path, os.O_RDONLY))
-            self.offsets.append(offset)
-            self.counts.append(meta.n_docs)
+        self.expected = [m.sha256.get("npy") for m in metas]
+        try:
+            for meta in metas:
+                path = directory / f"{part_name(meta.index)}.npy"
+                shape, dtype, offset = _npy_header(path)
+                if shape != (meta.n_docs, layout.dim) or dtype != self.dtype:
+                    raise CorpusFormatError([f"{path}: holds {shape} {dtype}, expected ({meta.n_docs}, {layout.dim}) "
+                                             f"{layout.dtype} (a part of another run?)"])
+                if path.stat().st_size != offset + meta.n_docs * layout.dim * dtype.itemsize:
+                    raise CorpusFormatError([f"{path}: wrong size for its shape (truncated?); delete it and its .json, "
+                                             f"then rerun `ttt-index embed` to redo it"])
+                self.files.append(os.open(path, os.O_RDONLY))
+                self.paths.append(path)
+                self.offsets.append(offset)
+                self.counts.append(meta.n_docs)
+        except BaseException:
+            self.close()
+            raise
         self.starts = np.cumsum([0] + self.counts)
         self.n = int(self.starts[-1])
         self.row_bytes = self.dim * self.dtype.itemsize
+        # each part is hashed as the build reads it front to back (once), and checked at the end
+        self.hashers = [hashlib.sha256() for _ in metas]
+        self.hashed = [0] * len(metas)  # rows hashed so far, per part
+        for part, offset in enumerate(self.offsets):
+            with open(self.paths[part], "rb") as f:
+                self.hashers[part].update(f.read(offset))  # the .npy header
 
-    def _read(self, part: int, a: int, b: int) -> np.ndarray:
+    def _read(self, part: int, a: int, b: int, hashing: bool = True) -> np.ndarray:
         data = os.pread(self.files[part], (b - a) * self.row_bytes, self.offsets[part] + a * self.row_bytes)
+        if hashing and a == self.hashed[part]:
+            self.hashers[part].update(data)
+            self.hashed[part] = b
         return np.frombuffer(data, dtype=self.dtype).reshape(b - a, self.dim)
+
+    def verify(self) -> None:
+        """Every part was read whole: its bytes are the ones `ttt-index embed` wrote."""
+        for part, expected in enumerate(self.expected):
+            if expected is None:
+                continue
+            if self.hashed[part] < self.counts[part]:
+                self.rows(int(self.starts[part]) + self.hashed[part], int(self.starts[part + 1]))
+            if self.hashers[part].hexdigest() != expected:
+                raise CorpusFormatError([f"{self.paths[part]}: contents differ from what the embedding run wrote "
+                                         f"(corrupted); delete it and its .json, then rerun `ttt-index embed`"])
 
     def rows(self, start: int, end: int) -> np.ndarray:
         out = np.empty((end - start, self.dim), dtype=np.float32)
@@ -178,12 +213,13 @@ class PartVectors:
         which = np.searchsorted(self.starts, ids, side="right") - 1
         for row, (p, i) in enumerate(zip(which, ids)):
             local = int(i - self.starts[p])
-            out[row] = self._read(int(p), local, local + 1)[0]
+            out[row] = self._read(int(p), local, local + 1, hashing=False)[0]
         return out
 
     def close(self) -> None:
         for fd in self.files:
             os.close(fd)
+        self.files = []
 
 
 class _HashingWriter:
@@ -271,11 +307,16 @@ def corpus_files(layout: EmbeddingsLayout, metas: list[PartMeta]) -> list[Corpus
 
 
 def doc_tables(directory: Path, metas: list[PartMeta]):
-    """Each part's table in order, line numbers made absolute per file (one part in memory
-    at a time)."""
+    """Each part's table in order (checked against its recorded sha256), line numbers made
+    absolute per file; one part in memory at a time."""
     lines_before: dict[int, int] = {}
     for meta in metas:
-        table = np.load(directory / f"{part_name(meta.index)}.docs.npy")
+        path = directory / f"{part_name(meta.index)}.docs.npy"
+        data = path.read_bytes()
+        if meta.sha256.get("docs") not in (None, hashlib.sha256(data).hexdigest()):
+            raise CorpusFormatError([f"{path}: contents differ from what the embedding run wrote (corrupted); "
+                                     f"delete it and its part's .json, then rerun `ttt-index embed`"])
+        table = np.load(io.BytesIO(data))
         if table.dtype != DOC_TABLE_DTYPE or len(table) != meta.n_docs:
             raise CorpusFormatError([f"{directory / part_name(meta.index)}.docs.npy: does not match its part"])
         for key, info in meta.files.items():
@@ -358,6 +399,8 @@ def _write_index(scratch: Path, directory: Path, config: BuildConfig, layout: Em
         _write_shard(scratch, template, vectors, i, len(ranges), a, b, config)
         for i, (a, b) in enumerate(tqdm(ranges, desc="write shards", disable=not config.progress))
     ]
+    vectors.verify()
+    ivf = faiss.try_extract_index_ivf(template)
     manifest = Manifest(
         encoder=layout.encoder,
         dim=vectors.dim,
@@ -370,10 +413,20 @@ def _write_index(scratch: Path, directory: Path, config: BuildConfig, layout: Em
         doc_table=write_doc_table(scratch / DOC_TABLE_NAME, directory, metas),
         shards=shards,
         vectors=_write_vectors(scratch, vectors, config.add_block) if config.store_vectors else None,
-        layout={"on_disk": config.on_disk, "refine": config.store_vectors},
+        layout={"on_disk": config.on_disk, "refine": config.store_vectors,
+                **({"nprobe": default_nprobe(ivf.nlist)} if ivf is not None else {})},
     )
     manifest.save(scratch)
     return manifest
+
+
+def is_index(directory: Path) -> bool:
+    """A directory ``ttt-index build`` wrote: its manifest loads."""
+    try:
+        Manifest.load(directory)
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def build_index(config: BuildConfig) -> Manifest:
@@ -383,13 +436,14 @@ def build_index(config: BuildConfig) -> Manifest:
     if bool(config.corpus) == bool(config.embeddings):
         raise ValueError("give either corpus files or --embeddings, not both")
     inputs = [*config.corpus, *([config.embeddings] if config.embeddings else [])]
-    with atomic_output(Path(config.output), config.overwrite, marker=MANIFEST_NAME, inputs=inputs) as scratch:
+    with atomic_output(Path(config.output), config.overwrite, is_ours=is_index, inputs=inputs) as scratch:
         directory = config.embeddings
         if directory is None:
             directory = scratch / "embeddings"
             run_embed(EmbedConfig(corpus=config.corpus, output=directory, encoder=config.encoder,
                                   num_parts=config.num_parts, store_dtype=config.store_dtype, device=config.device,
-                                  progress=config.progress, precheck=lambda dim, n: check_factory(config, dim, n)))
+                                  progress=config.progress, precheck=lambda dim, n: check_factory(config, dim, n),
+                                  use_rank=False))
         manifest = write_index(scratch, Path(directory), config)
         if config.embeddings is None:
             shutil.rmtree(directory)

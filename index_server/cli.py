@@ -15,6 +15,7 @@ from .build import BuildConfig
 from .embed import STORE_DTYPES, EmbedConfig
 from .encoder import EncoderConfig
 from .options import IndexOptions
+from .search import REFINE_FACTOR
 from .server import ServerConfig
 
 DEFAULT_WORK_DIR = Path("work")
@@ -67,12 +68,14 @@ def _cmd_build(args: argparse.Namespace) -> None:
     if args.max_memory:
         from .plan import choose_layout
 
+        if args.factory is not None:
+            raise ValueError("--max-memory chooses the factory: give one or the other")
         chosen = choose_layout(args.max_memory, args.embeddings, tuple(args.corpus), _encoder(args))
         print(f"--max-memory {args.max_memory}: chose {chosen.describe()}")
         args.factory, args.on_disk, args.refine = chosen.factory, chosen.on_disk, chosen.refine
     manifest = build_index(BuildConfig(
         output=args.out, corpus=tuple(args.corpus), embeddings=args.embeddings, encoder=_encoder(args),
-        factory=args.factory, metric=args.metric, shards=args.shards, train_size=args.train_size, on_disk=args.on_disk,
+        factory=args.factory or BUILD["factory"], metric=args.metric, shards=args.shards, train_size=args.train_size, on_disk=args.on_disk,
         store_vectors=args.refine, num_parts=args.num_parts, store_dtype=args.store_dtype, overwrite=args.overwrite,
         device=args.device, progress=not args.quiet,
     ))
@@ -160,9 +163,9 @@ def add_server_arguments(p: argparse.ArgumentParser, single: bool = True) -> Non
     p.add_argument("--max-batch", type=int, default=SERVER["max_batch"], help="most query vectors per request (default: %(default)s)")
     p.add_argument("--max-message-mb", type=int, default=SERVER["max_message_bytes"] >> 20, help="gRPC message size limit in MiB (default: %(default)s)")
     p.add_argument("--workers", type=int, default=SERVER["workers"], help="request handler threads (default: %(default)s)")
-    p.add_argument("--nprobe", type=int, default=OPTIONS["nprobe"], help="IVF lists probed per query")
+    p.add_argument("--nprobe", type=int, default=OPTIONS["nprobe"], help="IVF lists probed per query (default: the index's, nlist/32)")
     p.add_argument("--ef-search", type=int, default=OPTIONS["ef_search"], help="HNSW efSearch")
-    p.add_argument("--refine-factor", type=int, default=OPTIONS["refine_factor"], help="--refine indexes: candidates per neighbour re-ranked exactly (default: %(default)s)")
+    p.add_argument("--refine-factor", type=int, default=OPTIONS["refine_factor"], help=f"--refine indexes: candidates per neighbour re-ranked exactly (default: {REFINE_FACTOR})")
     p.add_argument("--corpus-root", type=Path, help="directory holding the corpus files, if they moved since the build")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send (must not be empty)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", type=Path, help="directory written by `ttt-index embed` (all parts present)")
     p.add_argument("--out", type=Path, required=True, help="index directory to create")
     add_encoder_arguments(p)
-    p.add_argument("--factory", default=BUILD["factory"], help="faiss index_factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (default: %(default)s)")
+    p.add_argument("--factory", help=f"faiss index_factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (default: {BUILD['factory']})")
     p.add_argument("--metric", choices=("l2", "ip"), default=BUILD["metric"], help="distance (default: %(default)s)")
     p.add_argument("--shards", type=int, default=BUILD["shards"], help="number of shards, contiguous id ranges (default: %(default)s)")
     p.add_argument("--train-size", type=int, default=BUILD["train_size"], help="vectors sampled to train IVF/PQ (default: 64 per centroid)")

@@ -7,7 +7,9 @@ identity is checked and the live servers' shard ranges must tile the index. Quer
 all servers in parallel with a deadline. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
 are retried with backoff; a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) is not.
 
-Failure policy ``fail`` raises, naming the server. ``degrade`` answers from the live
+Search settings (nprobe, efSearch, refine factor) travel with every request; the ones this
+client leaves unset are the servers' (``knobs`` says which apply). Failure policy ``fail``
+raises, naming the server. ``degrade`` answers from the live
 servers and reports the missing shards with every result (searches and text fetches
 alike); it starts even while some servers are down, and a server that just failed is
 skipped without waiting for retries until ``DEAD_COOLDOWN_S`` has passed, when one call
@@ -26,7 +28,7 @@ import numpy as np
 from ._proto import knn_pb2, knn_pb2_grpc
 from .manifest import Manifest, ManifestMismatchError
 from .options import IndexOptions
-from .search import SearchResult, check_queries, merge_topk
+from .search import SearchKnobs, SearchResult, check_queries, knobs_of, merge_topk
 from .server import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
 from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
 
@@ -35,7 +37,16 @@ DEAD_COOLDOWN_S = 5.0
 
 
 class ShardUnavailableError(RuntimeError):
-    """A shard server could not answer; the message names it and says why."""
+    """A shard server could not answer; the message names it and says why. ``code`` is the
+    gRPC status (None when the server was skipped as known to be down)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        return self.code is None or self.code in _TRANSIENT
 
 
 def parse_addresses(spec: str) -> tuple[str, ...]:
@@ -90,7 +101,7 @@ def _describe(error: grpc.RpcError) -> str:
 
 
 def _unavailable(server: _Server, method: str, error: grpc.RpcError) -> ShardUnavailableError:
-    return ShardUnavailableError(f"shard server {server.label} failed {method}: {_describe(error)}")
+    return ShardUnavailableError(f"shard server {server.label} failed {method}: {_describe(error)}", error.code())
 
 
 class GrpcIndex:
@@ -99,12 +110,19 @@ class GrpcIndex:
         token = options.token()
         self._metadata = ((TOKEN_METADATA_KEY, f"Bearer {token}"),) if token else ()
         self.servers = [_Server(a, options) for a in addresses]
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
         errors = []
         for server in self.servers:
             try:
                 server.info = self._call(server, "Info", knn_pb2.InfoRequest())
             except ShardUnavailableError as e:
-                if options.failure_policy == "fail":
+                if self.options.failure_policy == "fail" or not e.transient:  # a refused token is no outage
                     raise
                 errors.append(e)
         live = [s for s in self.servers if s.info is not None]
@@ -114,6 +132,9 @@ class GrpcIndex:
         for server in live:
             self._check_server(server)
         self._check_coverage()
+        info = live[0].info  # what the servers apply where this client leaves a setting unset
+        self.knobs = knobs_of(self.options).over(
+            SearchKnobs(info.nprobe or None, info.ef_search or None, info.refine_factor or None))
 
     # -- connection state -----------------------------------------------------------------
     def _check_server(self, server: _Server) -> None:
@@ -177,7 +198,9 @@ class GrpcIndex:
             return True
         try:
             server.info = self._call(server, "Info", knn_pb2.InfoRequest(), retries=0)
-        except ShardUnavailableError:
+        except ShardUnavailableError as e:
+            if not e.transient:
+                raise
             self._mark(server, False)
             return False
         self._check_server(server)
@@ -201,9 +224,10 @@ class GrpcIndex:
             try:
                 answers[i] = future.result()
             except grpc.RpcError as e:
-                retry = e.code() in _TRANSIENT and self.options.retries
+                if e.code() not in _TRANSIENT:  # a refusal (bad request, too large, wrong token): never degraded
+                    raise _unavailable(server, method, e) from e
                 try:
-                    if not retry:
+                    if not self.options.retries:
                         raise _unavailable(server, method, e) from e
                     answers[i] = self._call(server, method, requests[i], retries=self.options.retries - 1)
                 except ShardUnavailableError as final:
@@ -217,7 +241,9 @@ class GrpcIndex:
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         queries = check_queries(queries, k, self.manifest.dim, self.options.max_k)
         request = knn_pb2.SearchRequest(
-            k=k, dim=queries.shape[1], vectors=pack(queries, VECTOR_DTYPE), index_identity=self.manifest.identity
+            k=k, dim=queries.shape[1], vectors=pack(queries, VECTOR_DTYPE), index_identity=self.manifest.identity,
+            nprobe=self.options.nprobe or 0, ef_search=self.options.ef_search or 0,
+            refine_factor=self.options.refine_factor or 0,
         )
         answers, errors = self._fan_out("Search", {i: request for i in range(len(self.servers))})
         parts = [(unpack(a.distances, VECTOR_DTYPE, a.k), unpack(a.ids, ID_DTYPE, a.k)) for a in answers.values()]

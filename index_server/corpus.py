@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,13 +147,20 @@ def corpus_root_of(paths: Sequence[Path]) -> Path:
 
 
 class _OpenFile:
-    """A corpus file opened for ``pread``, with the identity it had when opened."""
+    """A corpus file opened for ``pread``, with the identity it had when opened (which must
+    have the size recorded at build time)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, size: int):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorpusChangedError(f"{path}: corpus file is missing") from None
         st = os.fstat(self.fd)
         self.identity = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if st.st_size != size:
+            os.close(self.fd)
+            raise CorpusChangedError(f"{path}: size {st.st_size} != {size} recorded at build time")
 
     def read(self, offset: int, length: int) -> bytes:
         st = os.fstat(self.fd)
@@ -170,13 +177,14 @@ class _OpenFile:
 
 
 class CorpusStore:
-    """Random access to document texts through byte offsets into JSONL files."""
+    """Random access to document texts through byte offsets into JSONL files. Every file is
+    opened (and its size checked) up front; reads are thread-safe ``pread`` calls."""
 
     def __init__(self, files: Sequence[CorpusFile], table: np.ndarray, root: Path | None):
         self.files = list(files)
         self.table = table
         self.root = root
-        self._open: dict[int, _OpenFile] = {}
+        self._open = [_OpenFile(f.resolve(root), f.size) for f in self.files]
 
     def __len__(self) -> int:
         return len(self.table)
@@ -198,11 +206,7 @@ class CorpusStore:
     def _raw(self, doc_id: int) -> bytes:
         self._check_ids(np.asarray([doc_id]))
         row = self.table[doc_id]
-        file_idx = int(row["file"])
-        handle = self._open.get(file_idx)
-        if handle is None:
-            handle = self._open[file_idx] = _OpenFile(self.path(file_idx))
-        return handle.read(int(row["offset"]), int(row["length"]))
+        return self._open[int(row["file"])].read(int(row["offset"]), int(row["length"]))
 
     def _record(self, doc_id: int) -> dict:
         raw = self._raw(doc_id)
@@ -232,11 +236,7 @@ class CorpusStore:
     def texts(self, doc_ids: Sequence[int]) -> list[str]:
         return [self.text(int(i)) for i in doc_ids]
 
-    def iter_texts(self, start: int = 0, end: int | None = None) -> Iterator[str]:
-        for doc_id in range(start, len(self) if end is None else end):
-            yield self.text(doc_id)
-
     def close(self) -> None:
-        for handle in self._open.values():
+        for handle in self._open:
             handle.close()
-        self._open.clear()
+        self._open = []

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +56,7 @@ class EmbeddingsLayout:
     """What every job of one embedding run must agree on (``embeddings.json``)."""
 
     encoder: dict  # EncoderConfig.identity()
+    encoder_dtype: str  # the encoder's arithmetic: float16 and float32 jobs must not fill one directory
     dim: int
     dtype: str  # storage dtype of the part files
     corpus_root: str
@@ -96,7 +96,7 @@ def default_num_parts(total_bytes: int, part_bytes: int = DEFAULT_PART_BYTES) ->
 
 
 def plan_layout(paths: Sequence[Path], encoder: EncoderConfig, dim: int, dtype: str,
-                num_parts: int | None = None) -> EmbeddingsLayout:
+                num_parts: int | None = None, encoder_dtype: str = "float32") -> EmbeddingsLayout:
     if dtype not in STORE_DTYPES:
         raise ValueError(f"storage dtype must be one of {STORE_DTYPES}, got {dtype!r}")
     if not paths:
@@ -114,7 +114,7 @@ def plan_layout(paths: Sequence[Path], encoder: EncoderConfig, dim: int, dtype: 
     parts = num_parts or default_num_parts(total)
     if parts > total:
         raise ValueError(f"cannot cut {total} bytes into {parts} parts")
-    return EmbeddingsLayout(encoder.identity(), dim, dtype, str(root), files, part_bounds(total, parts))
+    return EmbeddingsLayout(encoder.identity(), encoder_dtype, dim, dtype, str(root), files, part_bounds(total, parts))
 
 
 @dataclass
@@ -129,6 +129,8 @@ class PartMeta:
     # per file index touched: its byte range [lo, hi) inside this part, their sha256 and newlines,
     # whether lo starts a line
     files: dict[str, dict] = field(default_factory=dict)
+    # sha256 of the part's .npy and .docs.npy, checked by the build as it reads them
+    sha256: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,10 +144,14 @@ def part_name(index: int) -> str:
 
 
 def _newlines_before(path: Path, end: int) -> int:
+    """Newlines in the first ``end`` bytes (for exact line numbers in error messages)."""
     count = 0
     with open(path, "rb") as f:
         while f.tell() < end:
-            count += f.read(min(_READ_BLOCK, end - f.tell())).count(b"\n")
+            block = f.read(min(_READ_BLOCK, end - f.tell()))
+            if not block:
+                break
+            count += block.count(b"\n")
     return count
 
 
@@ -167,7 +173,7 @@ def scan_part(layout: EmbeddingsLayout, index: int) -> ScannedPart:
         if lo >= hi:
             continue
         path = root / layout.files[file_idx].path
-        digest, newlines, line_no = hashlib.sha256(), 0, 0
+        digest, newlines, line_no, before = hashlib.sha256(), 0, 0, None
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != layout.files[file_idx].size:
                 raise CorpusFormatError([f"{path}: size changed since the embedding run was planned"])
@@ -191,7 +197,9 @@ def scan_part(layout: EmbeddingsLayout, index: int) -> ScannedPart:
                     continue
                 problem, is_empty = check_line(body)
                 if problem:
-                    absolute = line_no + (0 if lo == 0 else _newlines_before(path, lo) + (not at_line_start))
+                    if before is None:
+                        before = 0 if lo == 0 else _newlines_before(path, lo) + (not at_line_start)
+                    absolute = line_no + before
                     problems.append(f"{path}:{absolute}: {problem}")
                     if len(problems) >= _MAX_REPORTED_ERRORS:
                         raise CorpusFormatError(problems, truncated=True)
@@ -227,23 +235,56 @@ def _read_texts(root: Path, layout: EmbeddingsLayout, table: np.ndarray, rows: n
     return texts
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+_TMP = ".tmp-"
+
+
+def _write_atomic(path: Path, write) -> str:
+    """Write through a temporary sibling (named with this pid), fsync, rename into place.
+    Returns the sha256 of what was written."""
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
+    digest = hashlib.sha256()
+
+    class _Hashing:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            digest.update(data)
+            return self.f.write(data)
+
     try:
-        write(Path(tmp))
+        with open(tmp, "wb") as f:
+            write(_Hashing(f))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of jobs that were killed (their pid no longer runs)."""
+    for tmp in out.glob(f".*{_TMP}*"):
+        pid = tmp.name.rsplit(_TMP, 1)[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass
 
 
 def write_part(out: Path, part: ScannedPart, vectors: np.ndarray) -> None:
     """Write one part; its ``.json`` goes last, so a part is done exactly when that exists."""
     name = part_name(part.meta.index)
-    _write_atomic(out / f"{name}.npy", lambda p: np.save(open(p, "wb"), vectors))
-    _write_atomic(out / f"{name}.docs.npy", lambda p: np.save(open(p, "wb"), part.table))
-    _write_atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(asdict(part.meta), indent=1)))
+    part.meta.sha256 = {
+        "npy": _write_atomic(out / f"{name}.npy", lambda f: np.save(f, vectors)),
+        "docs": _write_atomic(out / f"{name}.docs.npy", lambda f: np.save(f, part.table)),
+    }
+    _write_atomic(out / f"{name}.json", lambda f: f.write(json.dumps(asdict(part.meta), indent=1).encode()))
 
 
 def part_done(out: Path, index: int) -> bool:
@@ -266,20 +307,23 @@ def embed_part(encoder, layout: EmbeddingsLayout, part: ScannedPart, progress=No
 
 
 def write_layout(out: Path, layout: EmbeddingsLayout) -> None:
-    """Create ``embeddings.json`` (first job) or check that ours agrees with it."""
+    """Create ``embeddings.json`` (the first of concurrent jobs wins: ``link`` fails if the
+    file exists) and check that ours agrees with it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / EMBEDDINGS_NAME
-    if path.is_file():
-        existing = EmbeddingsLayout.load(out)
-        if existing != layout:
-            differs = [k for k in asdict(layout) if asdict(layout)[k] != asdict(existing)[k]]
-            raise ValueError(f"{path} belongs to another embedding run (differs in {', '.join(differs)}); "
-                             f"use another --out or the same corpus, encoder, dtype and --num-parts")
-        return
+    tmp = out / f".{EMBEDDINGS_NAME}{_TMP}{os.getpid()}"
+    tmp.write_text(layout.to_json() + "\n")
     try:
-        _write_atomic(path, lambda p: p.write_text(layout.to_json() + "\n"))
+        os.link(tmp, path)
     except FileExistsError:
         pass
+    finally:
+        tmp.unlink()
+    existing = EmbeddingsLayout.load(out)
+    if existing != layout:
+        differs = [k for k in asdict(layout) if asdict(layout)[k] != asdict(existing)[k]]
+        raise ValueError(f"{path} belongs to another embedding run (differs in {', '.join(differs)}); "
+                         f"use another --out or the same corpus, encoder, dtypes and --num-parts")
 
 
 def parts_for_job(num_parts: int, part: Sequence[int] | None, rank: int | None, world: int | None) -> list[int]:
@@ -311,6 +355,7 @@ class EmbedConfig:
     progress: bool = True
     precheck: Callable[[int, int], object] | None = None  # (dim, documents) -> raises before embedding
     vectors: np.ndarray | None = None  # precomputed vectors in document order (benchmarks): no encoder
+    use_rank: bool = True  # under torchrun, embed this RANK's share (build CORPUS embeds everything)
 
 
 def job_rank() -> tuple[int | None, int | None]:
@@ -331,11 +376,12 @@ def run_embed(config: EmbedConfig) -> EmbeddingsLayout:
     from .encoder import TextEncoder, encoder_dim
 
     dim = config.vectors.shape[1] if config.vectors is not None else encoder_dim(config.encoder)
-    layout = plan_layout(config.corpus, config.encoder, dim, config.store_dtype, config.num_parts)
-    rank, world = job_rank()
+    layout = plan_layout(config.corpus, config.encoder, dim, config.store_dtype, config.num_parts, config.dtype)
+    rank, world = job_rank() if config.use_rank else (None, None)
     selected = parts_for_job(layout.num_parts, config.parts, rank, world)
     out = Path(config.output)
     write_layout(out, layout)
+    remove_stale_temporaries(out)
     todo = [p for p in selected if not part_done(out, p)]
     scanned = [scan_part(layout, p) for p in tqdm(todo, desc="scan parts", unit="part", disable=not config.progress)]
     if config.precheck is not None:
@@ -344,7 +390,10 @@ def run_embed(config: EmbedConfig) -> EmbeddingsLayout:
         raise ValueError("precomputed vectors need every part embedded in one job")
     encoder = None
     if scanned and config.vectors is None:
-        encoder = TextEncoder(config.encoder, device=config.device, dtype=config.dtype)
+        device = config.device
+        if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank under torchrun / accelerate
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        encoder = TextEncoder(config.encoder, device=device, dtype=config.dtype)
     offset = 0
     with tqdm(total=sum(s.meta.n_docs for s in scanned), desc="embed documents", unit="doc",
               disable=not config.progress) as bar:

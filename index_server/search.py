@@ -9,6 +9,12 @@ or which one answered first.
 Indexes built with ``--refine`` keep a float16 copy of every vector; a shard then asks its
 approximate index for ``refine_factor * k`` candidates and re-ranks them with exact
 distances computed from that memory-mapped copy.
+
+Search settings (``SearchKnobs``: nprobe, efSearch, refine factor) are resolved once per
+caller: the caller's value, else the server's (``ttt-index serve --nprobe``), else the index's
+own default (an IVF index built here records nprobe = nlist/32 in its manifest). They are
+passed to Faiss per call (``SearchParameters``), so concurrent requests with different
+settings never race on a shared index.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +38,32 @@ from .options import IndexOptions
 _EXACT_STORAGE = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
 
 
+REFINE_FACTOR = 4  # approximate candidates per neighbour re-ranked exactly, unless a caller says
+
+
+@dataclass(frozen=True)
+class SearchKnobs:
+    nprobe: int | None = None
+    ef_search: int | None = None
+    refine_factor: int | None = None
+
+    def over(self, fallback: SearchKnobs) -> SearchKnobs:
+        """These settings, with the unset ones taken from ``fallback``."""
+        return SearchKnobs(*(mine if mine is not None else theirs for mine, theirs in
+                             zip((self.nprobe, self.ef_search, self.refine_factor),
+                                 (fallback.nprobe, fallback.ef_search, fallback.refine_factor))))
+
+
+def index_defaults(manifest: Manifest) -> SearchKnobs:
+    """The settings an index is searched with when nobody says otherwise."""
+    return SearchKnobs(nprobe=manifest.layout.get("nprobe"), ef_search=None,
+                       refine_factor=REFINE_FACTOR if manifest.vectors else None)
+
+
+def knobs_of(options: IndexOptions) -> SearchKnobs:
+    return SearchKnobs(options.nprobe, options.ef_search, options.refine_factor)
+
+
 @dataclass
 class SearchResult:
     """Global top-k for a batch of queries; rows padded with id -1 where fewer were found."""
@@ -38,10 +71,6 @@ class SearchResult:
     ids: np.ndarray  # (n, k) int64
     distances: np.ndarray  # (n, k) float32
     missing_shards: list[list[int]] = field(default_factory=list)  # per query, degrade mode
-
-    @property
-    def degraded(self) -> bool:
-        return any(self.missing_shards)
 
 
 class QueryError(ValueError):
@@ -121,33 +150,41 @@ def read_shard_index(path: Path, on_disk: bool) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def apply_search_params(index: faiss.Index, options: IndexOptions) -> None:
-    """nprobe for IVF indexes, efSearch for HNSW; an index without the knob ignores it."""
-    space = faiss.ParameterSpace()
-    if options.nprobe is not None and faiss.try_extract_index_ivf(index) is not None:
-        space.set_index_parameter(index, "nprobe", options.nprobe)
-    if options.ef_search is not None and "HNSW" in type(faiss.downcast_index(index)).__name__:
-        space.set_index_parameter(index, "efSearch", options.ef_search)
+def search_parameters(index: faiss.Index, knobs: SearchKnobs):
+    """Faiss per-call parameters for nprobe (IVF) and efSearch (HNSW), through a
+    pre-transform (OPQ, PCA) when there is one; None when the index has neither knob."""
+    inner = faiss.downcast_index(index)
+    wrapped = isinstance(inner, faiss.IndexPreTransform)
+    if wrapped:
+        inner = faiss.downcast_index(inner.index)
+    params = None
+    if knobs.nprobe is not None and faiss.try_extract_index_ivf(inner) is not None:
+        params = faiss.SearchParametersIVF(nprobe=knobs.nprobe)
+    elif knobs.ef_search is not None and isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(efSearch=knobs.ef_search)
+    if params is not None and wrapped:
+        params = faiss.SearchParametersPreTransform(index_params=params)
+    return params
 
 
 class ShardSearcher:
     """One loaded shard answering in global ids."""
 
-    def __init__(self, index_dir: Path, manifest: Manifest, shard: ShardInfo, options: IndexOptions,
-                 stored: np.ndarray | None):
+    def __init__(self, index_dir: Path, manifest: Manifest, shard: ShardInfo, stored: np.ndarray | None):
         self.shard, self.metric, self.stored = shard, manifest.metric, stored
         self.index = read_shard_index(Path(index_dir) / shard.file.file, shard.ivfdata is not None)
         if self.index.ntotal != shard.count:
             raise RuntimeError(f"{shard.file.file}: holds {self.index.ntotal} vectors, manifest says {shard.count}")
-        apply_search_params(self.index, options)
-        self.refine_factor = options.refine_factor
+        self._direct_map = threading.Lock()
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, knobs: SearchKnobs) -> tuple[np.ndarray, np.ndarray]:
         k_local = min(k, self.shard.count)
-        fetch = min(self.shard.count, k_local * self.refine_factor) if self.stored is not None else k_local
-        distances, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        refine = self.stored is not None and knobs.refine_factor
+        fetch = min(self.shard.count, k_local * knobs.refine_factor) if refine else k_local
+        distances, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch,
+                                             params=search_parameters(self.index, knobs))
         ids = np.where(local >= 0, local + self.shard.start, -1)
-        if self.stored is None:
+        if not refine:
             return distances, ids
         rows = self.stored[np.where(ids >= 0, ids, 0).ravel()].astype(np.float32).reshape(*ids.shape, -1)
         exact = exact_distances(queries, rows, self.metric)
@@ -160,7 +197,9 @@ class ShardSearcher:
         if not isinstance(index, _EXACT_STORAGE):
             return None
         if isinstance(index, faiss.IndexIVFFlat):
-            index.make_direct_map()
+            with self._direct_map:  # built once, on the first request; concurrent ones wait for it
+                if index.direct_map.type == faiss.DirectMap.NoMap:
+                    index.make_direct_map()
         return index.reconstruct_batch(np.asarray(ids, dtype=np.int64) - self.shard.start)
 
 
@@ -178,6 +217,11 @@ def vectors_from(searchers: Sequence[ShardSearcher], stored: np.ndarray | None, 
     """Vectors of ``ids`` from stored float16 copies or exact shard storage; (None, "none")
     when the index keeps only lossy codes (the caller re-embeds the texts)."""
     ids = np.asarray(ids, dtype=np.int64)
+    owned = np.zeros(len(ids), dtype=bool)
+    for searcher in searchers:
+        owned |= (ids >= searcher.shard.start) & (ids < searcher.shard.end)
+    if not owned.all():
+        raise IndexError(f"vector ids not in this index (or this server): {ids[~owned][:10].tolist()}")
     if stored is not None:
         return stored[ids].astype(np.float32), "stored-f16"
     out = np.empty((len(ids), searchers[0].index.d), dtype=np.float32)
@@ -203,13 +247,13 @@ class LocalIndex:
         self.manifest = Manifest.load(self.index_dir)
         self.manifest.verify(self.index_dir, corpus_root=options.corpus_root)
         self.stored = open_stored_vectors(self.index_dir, self.manifest)
-        self.shards = [ShardSearcher(self.index_dir, self.manifest, s, options, self.stored)
-                       for s in self.manifest.shards]
+        self.shards = [ShardSearcher(self.index_dir, self.manifest, s, self.stored) for s in self.manifest.shards]
         self.corpus = open_corpus(self.index_dir, self.manifest, options.corpus_root)
+        self.knobs = knobs_of(options).over(index_defaults(self.manifest))
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
         queries = check_queries(queries, k, self.manifest.dim, self.options.max_k)
-        distances, ids = merge_topk([s.search(queries, k) for s in self.shards], k, self.manifest.metric)
+        distances, ids = merge_topk([s.search(queries, k, self.knobs) for s in self.shards], k, self.manifest.metric)
         return SearchResult(ids=ids, distances=distances, missing_shards=[[] for _ in range(len(ids))])
 
     def texts(self, ids: Sequence[int]) -> list[str | None]:

@@ -29,8 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ._proto import knn_pb2, knn_pb2_grpc
 from .corpus import CorpusChangedError
 from .manifest import Manifest
-from .options import IndexOptions
-from .search import QueryError, ShardSearcher, check_queries, merge_topk, open_corpus, open_stored_vectors, vectors_from
+from .options import MAX_K, IndexOptions
+from .search import (QueryError, SearchKnobs, ShardSearcher, check_queries, index_defaults, knobs_of, merge_topk,
+                     open_corpus, open_stored_vectors, vectors_from)
 from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
 
 SERVICE_NAME = "tttnn.knn.v1.KnnShard"
@@ -46,7 +47,7 @@ class ServerConfig:
     shards: tuple[int, ...] | None = None  # None: every shard of the index
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port (printed at start)
-    max_k: int = 1024
+    max_k: int = MAX_K
     max_batch: int = 4096
     max_ids: int = 65536  # ids per FetchTexts / FetchVectors request
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -86,10 +87,10 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
                 raise ValueError(f"shard {i} does not exist; index has {len(self.manifest.shards)} shards")
         self.manifest.verify(config.index, shards=list(wanted), corpus_root=config.search.corpus_root)
         self.stored = open_stored_vectors(config.index, self.manifest)
-        self.searchers = [ShardSearcher(config.index, self.manifest, self.manifest.shards[i], config.search, self.stored)
+        self.searchers = [ShardSearcher(config.index, self.manifest, self.manifest.shards[i], self.stored)
                           for i in wanted]
         self.corpus = open_corpus(config.index, self.manifest, config.search.corpus_root)
-        self._corpus_lock = threading.Lock()  # file handles are opened lazily
+        self.defaults = knobs_of(config.search).over(index_defaults(self.manifest))
 
     def _check_identity(self, requested: str, context: grpc.ServicerContext) -> None:
         if requested and requested != self.manifest.identity:
@@ -125,7 +126,9 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
                                     self.manifest.dim, self.config.max_k, self.config.max_batch)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}")
-        distances, ids = merge_topk([s.search(queries, request.k) for s in self.searchers], request.k,
+        knobs = SearchKnobs(request.nprobe or None, request.ef_search or None, request.refine_factor or None)
+        knobs = knobs.over(self.defaults)
+        distances, ids = merge_topk([s.search(queries, request.k, knobs) for s in self.searchers], request.k,
                                     self.manifest.metric)
         return knn_pb2.SearchResponse(
             n=len(queries), k=request.k, ids=pack(ids, ID_DTYPE), distances=pack(distances, VECTOR_DTYPE)
@@ -136,8 +139,7 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
         ids = self._check_ids(request.ids, context)
         self._check_answer_size(self.corpus.byte_length(ids), "the texts", context)
         try:
-            with self._corpus_lock:
-                texts = self.corpus.texts(ids)
+            texts = self.corpus.texts(ids)
         except CorpusChangedError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return knn_pb2.FetchTextsResponse(texts=texts)
@@ -159,6 +161,9 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
             dim=self.manifest.dim,
             max_k=self.config.max_k,
             max_batch=self.config.max_batch,
+            nprobe=self.defaults.nprobe or 0,
+            ef_search=self.defaults.ef_search or 0,
+            refine_factor=self.defaults.refine_factor or 0,
         )
 
 

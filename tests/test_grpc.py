@@ -13,7 +13,7 @@ import pytest
 from conftest import BIN, build_small
 from index_server._proto import knn_pb2, knn_pb2_grpc
 from index_server.client import GrpcIndex, ShardUnavailableError, parse_addresses
-from index_server.manifest import ManifestMismatchError
+from index_server.manifest import Manifest, ManifestMismatchError
 from index_server.options import IndexOptions, open_index
 from index_server.search import LocalIndex
 from index_server.server import ServerConfig, start_server
@@ -312,5 +312,55 @@ def test_tls_and_health_check(sharded, queries, tmp_path):
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "tttnn.knn.v1.KnnShard"):
             assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
+
+
+def test_token_from_the_environment_and_refusals_are_not_outages(sharded, queries, monkeypatch):
+    server, address = start(sharded, token="env-secret")
+    try:
+        monkeypatch.setenv("TTT_NN_INDEX_TOKEN", "env-secret")
+        assert GrpcIndex((address,)).search(queries[:1], 3).ids.shape == (1, 3)
+        monkeypatch.setenv("TTT_NN_INDEX_TOKEN", "wrong")
+        with pytest.raises(ShardUnavailableError, match="refused the bearer token"):  # even under degrade
+            GrpcIndex((address,), IndexOptions(failure_policy="degrade", retries=0))
+        monkeypatch.setenv("TTT_NN_INDEX_TOKEN", " ")
+        with pytest.raises(ValueError, match="is set but empty"):
+            GrpcIndex((address,))
+    finally:
+        server.stop(0)
+
+
+def test_an_answer_too_large_is_refused_once_not_retried(sharded):
+    server, address = start(sharded, max_message_bytes=128 << 10)
+    client = GrpcIndex((address,), IndexOptions(retries=3, backoff_s=0.5, failure_policy="degrade"))
+    big = int(np.argmax(np.load(sharded / "docs.npy")["length"]))
+    start_time = time.perf_counter()
+    try:
+        with pytest.raises(ShardUnavailableError, match="RESOURCE_EXHAUSTED"):
+            client.texts([big] * 2000)
+        assert time.perf_counter() - start_time < 0.5  # no retry backoff; and no "degraded" answer
+    finally:
+        server.stop(0)
+
+
+def test_search_settings_travel_with_each_request(small_corpus, tmp_path):
+    """nprobe from the client (index_nprobe) reaches the server per request: the gRPC answer
+    equals the in-process index with the same setting, and another setting gives another."""
+    ivf = build_small(small_corpus, tmp_path / "ivf", shards=2, factory="IVF32,Flat")
+    assert Manifest.load(ivf).layout["nprobe"] == 1  # 32 lists / 32
+    rng = np.random.default_rng(3)
+    queries = rng.standard_normal((20, Manifest.load(ivf).dim)).astype(np.float32)
+    server, address = start(ivf)  # the server's own default: the index's nprobe
+    try:
+        answers = {}
+        for nprobe in (1, 32):
+            remote = GrpcIndex((address,), IndexOptions(nprobe=nprobe))
+            local = LocalIndex(ivf, IndexOptions(nprobe=nprobe))
+            answers[nprobe] = remote.search(queries, 10).ids
+            np.testing.assert_array_equal(answers[nprobe], local.search(queries, 10).ids)
+            assert remote.knobs.nprobe == local.knobs.nprobe == nprobe
+        assert not np.array_equal(answers[1], answers[32])
+        assert GrpcIndex((address,)).knobs.nprobe == 1  # unset: the server says what it applies
     finally:
         server.stop(0)

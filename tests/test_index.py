@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -193,8 +194,64 @@ def test_scratch_is_removed_on_sigterm_and_stale_scratch_by_the_next_build(small
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert not list(tmp_path.glob(".idx.tmp-*")) and not out.exists()
-    stale = tmp_path / ".idx.tmp-killed"
-    stale.mkdir()
-    (stale / ".owner-pid").write_text("999999")  # a SIGKILLed build's pid, long gone
     build_small(small_corpus, out)
-    assert not stale.exists() and (out / "manifest.json").is_file()
+    assert (out / "manifest.json").is_file()
+
+
+def test_full_verification_catches_what_the_quick_check_cannot(default_corpus, tmp_path):
+    """The quick check hashes the head, middle and tail MiB; a byte changed elsewhere in a
+    large file (same size) needs --full."""
+    corpus = tmp_path / "big.jsonl"
+    shutil.copy(default_corpus / "stdlib_code.index.jsonl", corpus)  # ~30 MB
+    index = build_small(corpus, tmp_path / "idx", max_tokens=8)
+    data = bytearray(corpus.read_bytes())
+    offset = 5 << 20  # outside the sampled regions
+    while data[offset] not in b"abcdefghijklmnopqrstuvwxyz":
+        offset += 1
+    data[offset] = ord("A") if data[offset] != ord("A") else ord("B")
+    stat = corpus.stat()
+    corpus.write_bytes(bytes(data))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    run("ttt-index", "info", str(index), "--verify")
+    proc = run("ttt-index", "info", str(index), "--full", check=False)
+    assert proc.returncode == 2 and "sha256 differs from the one recorded at build time" in proc.stderr
+
+
+def test_a_build_killed_with_sigkill_leaves_scratch_that_the_next_build_removes(small_corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "idx"
+    proc = subprocess.Popen([sys.executable, "-m", "index_server.cli", "build", str(small_corpus), "--out", str(out),
+                             "--max-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".idx.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    (left,) = tmp_path.glob(".idx.tmp-*")
+    build_small(small_corpus, out)
+    assert not left.exists() and (out / "manifest.json").is_file()
+
+
+def test_a_corpus_rewritten_in_place_with_the_same_size_is_refused_by_the_server(small_corpus, tmp_path):
+    import grpc
+
+    from index_server._proto import knn_pb2, knn_pb2_grpc
+    from index_server.server import ServerConfig, start_server
+
+    corpus = tmp_path / "c.jsonl"
+    shutil.copy(small_corpus, corpus)
+    index = build_small(corpus, tmp_path / "idx")
+    server, port, _ = start_server(ServerConfig(index=index))
+    try:
+        corpus.write_bytes(corpus.read_bytes().replace(b"def ", b"DEF ", 1))  # same size, new content
+        stub = knn_pb2_grpc.KnnShardStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[3]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"{corpus}: corpus file changed while the index was being served" in err.value.details()
+    finally:
+        server.stop(0)

@@ -164,9 +164,14 @@ def test_bad_embedding_parts_are_clear_errors_and_nothing_is_written(small_corpu
     (corrupt / f"{part_name(0)}.npy").write_bytes(b"not numpy")
     wrong_dim = broken("dims")
     np.save(wrong_dim / f"{part_name(0)}.npy", np.zeros((5, 3), dtype=np.float32))
+    flipped = broken("flipped")  # valid header and size, one value changed
+    data = bytearray((flipped / f"{part_name(0)}.npy").read_bytes())
+    data[-5] ^= 0xFF
+    (flipped / f"{part_name(0)}.npy").write_bytes(bytes(data))
     for emb, message in ((missing, r"1 of 1 embedding parts are missing \(0\); run `ttt-index embed"),
                          (corrupt, r"corrupt embedding part"),
-                         (wrong_dim, r"holds \(5, 3\) float32, expected \(\d+, 384\) float32")):
+                         (wrong_dim, r"holds \(5, 3\) float32, expected \(\d+, 384\) float32"),
+                         (flipped, r"contents differ from what the embedding run wrote")):
         proc = run("ttt-index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "out"), check=False)
         assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
@@ -174,6 +179,16 @@ def test_bad_embedding_parts_are_clear_errors_and_nothing_is_written(small_corpu
     other.write_text('{"text": "another corpus"}\n')
     proc = run("ttt-index", "embed", str(other), "--out", str(one_part), "--max-tokens", "16", check=False)
     assert proc.returncode == 2 and "belongs to another embedding run" in proc.stderr
+
+
+def test_build_with_a_memory_budget_lets_plan_choose(one_part, tmp_path):
+    proc = run("ttt-index", "build", "--embeddings", str(one_part), "--out", str(tmp_path / "idx"), "--max-memory", "8G",
+               "--quiet")
+    chosen = re.search(r"--max-memory 8G: chose --factory (\S+)", proc.stdout).group(1)
+    assert Manifest.load(tmp_path / "idx").factory == chosen
+    proc = run("ttt-index", "build", "--embeddings", str(one_part), "--out", str(tmp_path / "other"), "--max-memory",
+               "8G", "--factory", "Flat", check=False)
+    assert proc.returncode == 2 and "--max-memory chooses the factory" in proc.stderr
 
 
 def test_a_moved_corpus_is_found_with_corpus_root(small_corpus, tmp_path):
@@ -193,11 +208,17 @@ def test_a_moved_corpus_is_found_with_corpus_root(small_corpus, tmp_path):
 
 
 def test_plan_picks_the_most_accurate_layout_that_fits():
+    """With the measured table (index_server/measured_recall.json): PQ codes re-ranked from
+    stored vectors recall as well as exact search, with the fewest bytes; their lists stay
+    in RAM when the budget allows, else go to disk."""
     assert (parse_count("210M"), parse_bytes("64G")) == (210_000_000, 64 * 2**30)
     chosen = choose(210_000_000, 1024, parse_bytes("64G"))
-    assert chosen.ram_bytes <= 0.8 * 64 * 2**30
-    big = choose(210_000_000, 1024, parse_bytes("4T"))
-    assert big.factory == "Flat"  # exact search when the budget allows it
+    assert chosen.ram_bytes <= 0.8 * 64 * 2**30 and chosen.recall >= 0.99
+    assert (chosen.factory, chosen.refine, chosen.on_disk) == ("IVF65536,PQ128", True, False)
+    small = choose(210_000_000, 1024, parse_bytes("16G"))
+    assert (small.factory, small.refine, small.on_disk) == ("IVF65536,PQ128", True, True)
+    no_disk = choose(210_000_000, 1024, parse_bytes("64G"), max_disk=parse_bytes("100G"))
+    assert not no_disk.refine and no_disk.disk_bytes <= parse_bytes("100G")
     proc = run("ttt-index", "plan", "--vectors", "210M", "--dim", "1024", "--max-memory", "64G")
     assert "<- chosen" in proc.stdout and f"chosen: {chosen.describe()}" in proc.stdout
     with pytest.raises(ValueError, match="no layout of 210000000 x 1024 vectors fits"):

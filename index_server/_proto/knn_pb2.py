@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dindex_server/_proto/knn.proto\x12\x0ctttnn.knn.v1\"P\n\rSearchRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x16\n\x0eindex_identity\x18\x04 \x01(\t\"F\n\x0eSearchResponse\x12\t\n\x01n\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"8\n\x11\x46\x65tchTextsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"#\n\x12\x46\x65tchTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\":\n\x13\x46\x65tchVectorsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"D\n\x14\x46\x65tchVectorsResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0e\n\x06source\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"7\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\xa9\x01\n\x0cInfoResponse\x12\x16\n\x0eindex_identity\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.tttnn.knn.v1.ShardRange\x12\x11\n\tn_vectors\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x11\n\tmax_batch\x18\x07 \x01(\r2\xb6\x02\n\x08KnnShard\x12\x43\n\x06Search\x12\x1b.tttnn.knn.v1.SearchRequest\x1a\x1c.tttnn.knn.v1.SearchResponse\x12O\n\nFetchTexts\x12\x1f.tttnn.knn.v1.FetchTextsRequest\x1a .tttnn.knn.v1.FetchTextsResponse\x12=\n\x04Info\x12\x19.tttnn.knn.v1.InfoRequest\x1a\x1a.tttnn.knn.v1.InfoResponse\x12U\n\x0c\x46\x65tchVectors\x12!.tttnn.knn.v1.FetchVectorsRequest\x1a\".tttnn.knn.v1.FetchVectorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dindex_server/_proto/knn.proto\x12\x0ctttnn.knn.v1\"\x8a\x01\n\rSearchRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0f\n\x07vectors\x18\x03 \x01(\x0c\x12\x16\n\x0eindex_identity\x18\x04 \x01(\t\x12\x0e\n\x06nprobe\x18\x05 \x01(\r\x12\x11\n\tef_search\x18\x06 \x01(\r\x12\x15\n\rrefine_factor\x18\x07 \x01(\r\"F\n\x0eSearchResponse\x12\t\n\x01n\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"8\n\x11\x46\x65tchTextsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"#\n\x12\x46\x65tchTextsResponse\x12\r\n\x05texts\x18\x01 \x03(\t\":\n\x13\x46\x65tchVectorsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x16\n\x0eindex_identity\x18\x02 \x01(\t\"D\n\x14\x46\x65tchVectorsResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0e\n\x06source\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"7\n\nShardRange\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x03\"\xe3\x01\n\x0cInfoResponse\x12\x16\n\x0eindex_identity\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12(\n\x06shards\x18\x03 \x03(\x0b\x32\x18.tttnn.knn.v1.ShardRange\x12\x11\n\tn_vectors\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x11\n\tmax_batch\x18\x07 \x01(\r\x12\x0e\n\x06nprobe\x18\x08 \x01(\r\x12\x11\n\tef_search\x18\t \x01(\r\x12\x15\n\rrefine_factor\x18\n \x01(\r2\xb6\x02\n\x08KnnShard\x12\x43\n\x06Search\x12\x1b.tttnn.knn.v1.SearchRequest\x1a\x1c.tttnn.knn.v1.SearchResponse\x12O\n\nFetchTexts\x12\x1f.tttnn.knn.v1.FetchTextsRequest\x1a .tttnn.knn.v1.FetchTextsResponse\x12=\n\x04Info\x12\x19.tttnn.knn.v1.InfoRequest\x1a\x1a.tttnn.knn.v1.InfoResponse\x12U\n\x0c\x46\x65tchVectors\x12!.tttnn.knn.v1.FetchVectorsRequest\x1a\".tttnn.knn.v1.FetchVectorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'index_server._proto.knn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHREQUEST']._serialized_start=47
-  _globals['_SEARCHREQUEST']._serialized_end=127
-  _globals['_SEARCHRESPONSE']._serialized_start=129
-  _globals['_SEARCHRESPONSE']._serialized_end=199
-  _globals['_FETCHTEXTSREQUEST']._serialized_start=201
-  _globals['_FETCHTEXTSREQUEST']._serialized_end=257
-  _globals['_FETCHTEXTSRESPONSE']._serialized_start=259
-  _globals['_FETCHTEXTSRESPONSE']._serialized_end=294
-  _globals['_FETCHVECTORSREQUEST']._serialized_start=296
-  _globals['_FETCHVECTORSREQUEST']._serialized_end=354
-  _globals['_FETCHVECTORSRESPONSE']._serialized_start=356
-  _globals['_FETCHVECTORSRESPONSE']._serialized_end=424
-  _globals['_INFOREQUEST']._serialized_start=426
-  _globals['_INFOREQUEST']._serialized_end=439
-  _globals['_SHARDRANGE']._serialized_start=441
-  _globals['_SHARDRANGE']._serialized_end=496
-  _globals['_INFORESPONSE']._serialized_start=499
-  _globals['_INFORESPONSE']._serialized_end=668
-  _globals['_KNNSHARD']._serialized_start=671
-  _globals['_KNNSHARD']._serialized_end=981
+  _globals['_SEARCHREQUEST']._serialized_start=48
+  _globals['_SEARCHREQUEST']._serialized_end=186
+  _globals['_SEARCHRESPONSE']._serialized_start=188
+  _globals['_SEARCHRESPONSE']._serialized_end=258
+  _globals['_FETCHTEXTSREQUEST']._serialized_start=260
+  _globals['_FETCHTEXTSREQUEST']._serialized_end=316
+  _globals['_FETCHTEXTSRESPONSE']._serialized_start=318
+  _globals['_FETCHTEXTSRESPONSE']._serialized_end=353
+  _globals['_FETCHVECTORSREQUEST']._serialized_start=355
+  _globals['_FETCHVECTORSREQUEST']._serialized_end=413
+  _globals['_FETCHVECTORSRESPONSE']._serialized_start=415
+  _globals['_FETCHVECTORSRESPONSE']._serialized_end=483
+  _globals['_INFOREQUEST']._serialized_start=485
+  _globals['_INFOREQUEST']._serialized_end=498
+  _globals['_SHARDRANGE']._serialized_start=500
+  _globals['_SHARDRANGE']._serialized_end=555
+  _globals['_INFORESPONSE']._serialized_start=558
+  _globals['_INFORESPONSE']._serialized_end=785
+  _globals['_KNNSHARD']._serialized_start=788
+  _globals['_KNNSHARD']._serialized_end=1098
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("k", "dim", "vectors", "index_identity")
+    __slots__ = ("k", "dim", "vectors", "index_identity", "nprobe", "ef_search", "refine_factor")
     K_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     INDEX_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     k: int
     dim: int
     vectors: bytes
     index_identity: str
-    def __init__(self, k: _Optional[int] = ..., dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., index_identity: _Optional[str] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    refine_factor: int
+    def __init__(self, k: _Optional[int] = ..., dim: _Optional[int] = ..., vectors: _Optional[bytes] = ..., index_identity: _Optional[str] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("n", "k", "ids", "distances")
@@ -77,7 +83,7 @@ class ShardRange(_message.Message):
     def __init__(self, index: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("index_identity", "manifest_json", "shards", "n_vectors", "dim", "max_k", "max_batch")
+    __slots__ = ("index_identity", "manifest_json", "shards", "n_vectors", "dim", "max_k", "max_batch", "nprobe", "ef_search", "refine_factor")
     INDEX_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +91,9 @@ class InfoResponse(_message.Message):
     DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     index_identity: str
     manifest_json: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardRange]
@@ -92,4 +101,7 @@ class InfoResponse(_message.Message):
     dim: int
     max_k: int
     max_batch: int
-    def __init__(self, index_identity: _Optional[str] = ..., manifest_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    refine_factor: int
+    def __init__(self, index_identity: _Optional[str] = ..., manifest_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
