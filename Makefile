@@ -23,8 +23,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q --run-slow
 
+## bench: every benchmark, each writing its rows to work/bench/<name>.json (about 2.5 hours on 2 cores)
 bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	mkdir -p work/bench
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --json work/bench/$$(basename $$b .py).json || exit 1; done
 
 clean:
 	rm -rf $(VENV) work

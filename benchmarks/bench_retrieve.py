@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import WORK, bundled_corpus, embeddings_from_vectors, parser, report, write_json  # noqa: E402
 
 from index_server.build import BuildConfig, build_index  # noqa: E402
-from index_server.options import IndexOptions  # noqa: E402
-from lm_eval_ttt.retriever import Retriever, SelectionConfig  # noqa: E402
+from lm_eval_ttt.retriever import Retriever  # noqa: E402
+from lm_eval_ttt.settings import NeighbourSettings  # noqa: E402
 
 
 def synthetic_index(n: int, dim: int) -> Path:
@@ -40,13 +40,13 @@ def synthetic_index(n: int, dim: int) -> Path:
 def measure(index: Path, texts: list[str], k: int, batch: int) -> dict[str, tuple[float, float]]:
     """Seconds for all queries one by one and in batches: embedding, search, and both through
     the Retriever (fresh retrievers, no cache)."""
-    one = Retriever.open(str(index), IndexOptions(), SelectionConfig(), None)
+    one = Retriever.open(NeighbourSettings(index=str(index)))
     one.candidates(texts[0], k)  # warm up (model, pages)
     start = time.perf_counter()
     for text in texts:
         one.candidates(text + " ", k)  # a fresh query each time: nothing memoised
     total_one = time.perf_counter() - start
-    batched = Retriever.open(str(index), IndexOptions(), SelectionConfig(), None)
+    batched = Retriever.open(NeighbourSettings(index=str(index)))
     batched.prefetch(texts[:batch], k, batch=batch, progress=False)  # warm up
     start = time.perf_counter()
     batched.prefetch([t + "  " for t in texts], k, batch=batch, progress=False)

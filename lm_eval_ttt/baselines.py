@@ -20,15 +20,15 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
+from index_server.encoder import CHARS_PER_TOKEN_BOUND
+
 from .documents import Document
 from .harness import NeighbourLM
 from .retriever import Neighbours
+from .scoring import continuation_scores
 from .settings import (ContextSettings, DynamicEvalSettings, InterpolationSettings, ModelArgumentError,
-                       NeighbourSettings, TrainSettings)
+                       NeighbourSettings, RunSettings, TrainSettings)
 from .trainers import build_trainer, check_train_settings
-
-# Characters of a neighbour tokenised when only its tail is needed as context.
-_CHARS_PER_TOKEN_BOUND = 64
 
 
 class InContextLM(NeighbourLM):
@@ -38,15 +38,24 @@ class InContextLM(NeighbourLM):
     scored. (The reference baseline fed the tail of the farthest neighbours instead.)"""
 
     method = "ttt-nn-context"
-    setting_groups = (NeighbourSettings, ContextSettings)
+    setting_groups = (RunSettings, NeighbourSettings, ContextSettings)
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
         budget = self.settings_of(ContextSettings).context_tokens
         self.context_tokens = self.max_length // 2 if budget is None else budget
-        if not 0 <= self.context_tokens < self.max_length:
-            raise ModelArgumentError(f"context_tokens must lie in [0, max_length={self.max_length}), "
-                                     f"got {self.context_tokens}")
+        self._check_budget(self.context_tokens, self.max_length)
+
+    @staticmethod
+    def _check_budget(tokens: int | None, max_length: int | None) -> None:
+        if tokens is not None and max_length is not None and not tokens < max_length:
+            raise ModelArgumentError(f"context_tokens must lie in [0, max_length={max_length}), got {tokens}")
+
+    def check_settings(self, hf_kwargs: dict) -> None:
+        super().check_settings(hf_kwargs)  # with max_length given, the budget is checked before loading
+        max_length = hf_kwargs.get("max_length")
+        self._check_budget(self.settings_of(ContextSettings).context_tokens,
+                           int(float(max_length)) if max_length is not None else None)
 
     def identity(self) -> dict:
         return {**super().identity(), "context_tokens": self.context_tokens}
@@ -58,7 +67,7 @@ class InContextLM(NeighbourLM):
             need = self.context_tokens - len(context)
             if need <= 0:
                 break
-            tail = text[-need * _CHARS_PER_TOKEN_BOUND :]
+            tail = text[-need * CHARS_PER_TOKEN_BOUND :]
             ids = self.tokenizer(tail, add_special_tokens=False).input_ids + [self.eot_token_id]
             context = ids[-need:] + context
         return context
@@ -88,43 +97,39 @@ class InterpolationLM(NeighbourLM):
     """p(t) = (1 - lambda) p_model(t) + lambda h(t), h the neighbours' token histogram.
 
     ``lambda`` must be chosen on documents that are not scored (``ttt-nn tune``).
-    lambda = 0 is the base model exactly.
+    lambda = 0, and a document without neighbours, is the base model exactly.
     """
 
     method = "ttt-nn-interp"
-    setting_groups = (NeighbourSettings, InterpolationSettings)
+    setting_groups = (RunSettings, NeighbourSettings, InterpolationSettings)
     request_types = ("loglikelihood_rolling", "loglikelihood")
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
         self.lam = self.settings_of(InterpolationSettings).lam
-        if not 0 <= self.lam < 1:
-            raise ModelArgumentError(f"lambda must lie in [0, 1), got {self.lam}")
 
-    def histogram(self, neighbour_texts: list[str], vocab: int) -> torch.Tensor:
+    def histogram(self, neighbour_texts: list[str], vocab: int) -> torch.Tensor | None:
+        """The neighbours' token frequencies; None without any neighbour token."""
         counts = torch.zeros(vocab, dtype=torch.float64, device=self.device)
         for text in neighbour_texts:
             ids = torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
             ids = ids[ids < vocab].to(self.device)
             counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64, device=self.device))
-        return counts / counts.sum().clamp(min=1.0)
+        total = counts.sum()
+        return counts / total if total > 0 else None
 
     def mixed_scores(self, pairs: list[tuple[list[int], list[int]]], neighbour_texts: list[str]
                      ) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each continuation under the mixed distribution."""
-        log_keep = math.log1p(-self.lam)
-        log_lam = math.log(self.lam) if self.lam > 0 else -math.inf
-        hist, out = None, []
-        with torch.no_grad():
-            for ctx, cont in pairs:
-                inputs = torch.tensor([(ctx + cont)[-(self.max_length + 1) :][:-1]], device=self.device)
-                logits = self.model(inputs).logits[0, -len(cont) :]
-                if hist is None:
-                    hist = self.histogram(neighbour_texts, logits.shape[-1])
-                mixed = torch.logaddexp(log_keep + torch.log_softmax(logits.double(), dim=-1), log_lam + hist.log())
-                targets = torch.tensor(cont, device=self.device)
-                out.append((float(mixed.gather(1, targets[:, None]).sum()), bool((mixed.argmax(-1) == targets).all())))
-        return out
+        hist = self.histogram(neighbour_texts, self.model.config.vocab_size) if self.lam > 0 else None
+        transform = None
+        if hist is not None:
+            log_keep, log_hist = math.log1p(-self.lam), math.log(self.lam) + hist.log()
+
+            def transform(logprobs: torch.Tensor) -> torch.Tensor:
+                return torch.logaddexp(log_keep + logprobs.double(), log_hist[: logprobs.shape[-1]])
+
+        return continuation_scores(self, pairs, self.batch_size, transform=transform)
 
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         t = time.perf_counter()
@@ -141,9 +146,8 @@ class DynamicEvalLM(NeighbourLM):
     No retrieval: the baseline that learns from the test document alone."""
 
     method = "ttt-nn-dyneval"
-    setting_groups = (NeighbourSettings, TrainSettings, DynamicEvalSettings)
+    setting_groups = (RunSettings, TrainSettings, DynamicEvalSettings)
     request_types = ("loglikelihood_rolling",)
-    uses_retrieval = False
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)

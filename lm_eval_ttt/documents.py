@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 from lm_eval.api.instance import Instance
@@ -61,12 +62,24 @@ class Document:
                 raise ValueError("query=prefix needs a split task whose documents carry a 'prefix' field "
                                  "(e.g. ttt_stdlib_code_split, or dataset_kwargs split_prefix: 0.5)")
             return prefix
-        first = self.requests[0].args
-        return first[0] if first[0] or len(first) < 2 or not isinstance(first[1], str) else first[1]
+        if self.request_type == "loglikelihood":
+            # choices that fill a blank (winogrande) each bring their own context: their shared
+            # beginning is the question
+            contexts = [r.args[0] for r in self.requests]
+            shared = os.path.commonprefix(contexts)
+            return shared if shared.strip() else contexts[0] or self.requests[0].args[1]
+        return self.requests[0].args[0]
 
 
 def _samples(request: Instance) -> bool:
-    return request.request_type == "generate_until" and bool(request.args[1].get("do_sample", False))
+    """Whether HFLM generates this request by sampling (``_model_generate``'s rule: explicit
+    ``do_sample``, else any non-zero temperature leaves it to the model's own config)."""
+    if request.request_type != "generate_until":
+        return False
+    kwargs = request.args[1]
+    if kwargs.get("do_sample") is not None:
+        return bool(kwargs["do_sample"])
+    return float(kwargs.get("temperature", 0.0)) != 0.0
 
 
 def group_documents(request_type: str, requests: list[Instance]) -> list[Document]:

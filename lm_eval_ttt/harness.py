@@ -20,6 +20,8 @@ padding copies or resumed documents cannot deadlock.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -34,14 +36,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from index_server.options import IndexOptions
-
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
 from .documents import REQUEST_TYPES, Document, group_documents, scatter
-from .retriever import Neighbours, Retriever, SelectionConfig
-from .runlog import RunLog, global_rank, read_log
-from .settings import (ALIASES, ModelArgumentError, NeighbourSettings, hf_scoring_values, parse_model_args,
-                       scoring_values)
+from .retriever import Neighbours, Retriever
+from .runlog import RunLog, global_rank, is_degraded, read_log
+from .settings import (ALIASES, ModelArgumentError, NeighbourSettings, RunSettings, hf_scoring_values,
+                       parse_model_args, scoring_values)
 
 LOG_FORMAT = 2  # bump when the meaning of a logged score changes
 log = logging.getLogger("lm_eval_ttt")
@@ -61,6 +61,13 @@ def harness_output_path() -> Path | None:
     return None
 
 
+def _same(a, b) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return a == b
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Config plus the first values of every tensor: different weights, different hash."""
     digest = hashlib.sha256(model.config.to_json_string().encode())
@@ -75,18 +82,18 @@ class NeighbourLM(HFLM):
     """Base of ttt-nn and its baselines; see the module docstring."""
 
     method = "base"
-    setting_groups: tuple[type, ...] = (NeighbourSettings,)
+    setting_groups: tuple[type, ...] = (RunSettings, NeighbourSettings)  # a method without neighbours drops the 2nd
     request_types: tuple[str, ...] = REQUEST_TYPES
-    uses_retrieval = True
 
     def __init__(self, pretrained=None, retriever: Retriever | None = None, **kwargs) -> None:
         harness_seed = torch.initial_seed()  # --seed's torch seed, set before the model is built
         groups, hf_kwargs = parse_model_args(self.setting_groups, kwargs)  # errors before any loading
         self.settings_groups = groups
-        self.neighbour_settings: NeighbourSettings = groups[0]
+        self.run_settings: RunSettings = self.settings_of(RunSettings)
+        self.neighbour_settings: NeighbourSettings | None = self.settings_of(NeighbourSettings)
         self.check_settings(hf_kwargs)
         s = self.neighbour_settings
-        if retriever is not None and s.index is not None:
+        if retriever is not None and (s is None or s.index is not None):
             raise ModelArgumentError("pass either index= or an already built retriever, not both")
         if not isinstance(pretrained, (str, type(None), Path)) and hf_kwargs.get("tokenizer") is None:
             raise ModelArgumentError("a model object needs its tokenizer object: tokenizer=...")
@@ -96,13 +103,14 @@ class NeighbourLM(HFLM):
         if isinstance(pretrained, Path):
             pretrained = str(pretrained)
         output = harness_output_path()
-        self.log_dir = Path(s.log_dir) if s.log_dir else (output / "ttt-nn-logs" if output else Path("ttt-nn-logs"))
+        log_dir = self.run_settings.log_dir
+        self.log_dir = Path(log_dir) if log_dir else (output / "ttt-nn-logs" if output else Path("ttt-nn-logs"))
         super().__init__(pretrained=pretrained, **hf_kwargs)
         self._model_fingerprint = model_fingerprint(self.model)  # before any method adds adapters
-        self.seed = s.seed if s.seed is not None else harness_seed
-        self.k = s.k if self.uses_retrieval else 0
+        self.seed = self.run_settings.seed if self.run_settings.seed is not None else harness_seed
+        self.k = s.k if s is not None else 0
         self.retriever = retriever
-        if self.retriever is None and self.uses_retrieval and self.k > 0:
+        if self.retriever is None and self.k > 0:
             self.retriever = self.open_retriever(s)
         self._identity: dict | None = None
         self._summary = {"scored": 0, "resumed": 0, "degraded": 0}
@@ -111,32 +119,20 @@ class NeighbourLM(HFLM):
     def check_settings(self, hf_kwargs: dict) -> None:
         """Reject invalid combinations before the model loads (subclasses extend)."""
         s = self.neighbour_settings
-        if s.alpha is not None and s.select != "sift":
+        if s is not None and s.alpha is not None and s.select != "sift":
             raise ModelArgumentError("alpha (adaptive compute) needs select=sift")
+        self._read_tuned()
 
     def settings_of(self, group: type):
-        return next(g for g in self.settings_groups if isinstance(g, group))
+        return next((g for g in self.settings_groups if isinstance(g, group)), None)
 
     def open_retriever(self, s: NeighbourSettings) -> Retriever:
-        options = IndexOptions(
-            timeout_s=s.retrieval_timeout, failure_policy=s.failure_policy,
-            token_file=Path(s.index_token_file) if s.index_token_file else None,
-            tls_ca=Path(s.index_tls_ca) if s.index_tls_ca else None, nprobe=s.index_nprobe,
-            ef_search=s.index_ef_search, corpus_root=Path(s.corpus_root) if s.corpus_root else None,
-        )
-        selection = SelectionConfig(select=s.select, candidates=s.candidates, sift_lambda=s.sift_lambda, alpha=s.alpha,
-                                    max_distance=s.max_distance, exclude_duplicates=s.exclude_duplicates)
         cache = Path(s.neighbour_cache) if s.neighbour_cache else ttt_home() / "neighbour-cache"
         spec = s.index if s.index is not None else str(ensure_default_index())
-        return Retriever.open(spec, options, selection, cache, device=str(self.device))
+        return Retriever.open(dataclasses.replace(s, index=spec), cache, device=str(self.device))
 
     def identity(self) -> dict:
         """Everything that can change a score; its hash names the log."""
-        index = None
-        if self.retriever is not None:
-            options = getattr(self.retriever.index, "options", IndexOptions())
-            index = {"identity": self.retriever.manifest.identity, "nprobe": options.nprobe,
-                     "ef_search": options.ef_search, "refine_factor": options.refine_factor}
         return {
             "format": LOG_FORMAT,
             "method": self.method,
@@ -146,7 +142,7 @@ class NeighbourLM(HFLM):
             "hf": hf_scoring_values(self._hf_kwargs),
             "max_length": self.max_length,
             "seed": self.seed,
-            "index": index,
+            "index": self.retriever.signature if self.retriever is not None else None,
             **{k: v for g in self.settings_groups for k, v in scoring_values(g).items()},
         }
 
@@ -160,28 +156,41 @@ class NeighbourLM(HFLM):
     def log_stem(self) -> Path:
         return self.log_dir / f"{self.method}-{hashlib.sha256(self._identity_json().encode()).hexdigest()[:16]}"
 
-    def tuned(self) -> dict | None:
-        """The ``tuned=`` record: which value was chosen on which validation documents.
-        Refuses a tune.json of another method or whose chosen value this run does not use."""
-        path = self.neighbour_settings.tuned
+    def _read_tuned(self) -> dict | None:
+        """The ``tune.json`` of ``tuned=``, checked as far as the arguments alone allow
+        (before the model loads); ``tuned()`` checks the value actually used."""
+        path = self.run_settings.tuned
         if path is None:
             return None
         try:
             data = json.loads(Path(path).read_text())
-            param, chosen = ALIASES.get(data["param"], data["param"]), data["chosen"]
-        except (OSError, ValueError, KeyError) as e:
+            data["param"], data["chosen"], data["validation"]  # noqa: B018  (the keys a tune.json has)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelArgumentError(f"tuned={path}: not a tune.json written by `ttt-nn tune` ({e})") from e
-        used = json.loads(self._identity_json()).get(param)
-        if data["method"] != self.method or used is None or not math.isclose(float(used), float(chosen), rel_tol=1e-9):
-            raise ModelArgumentError(f"tuned={path} chose {data['param']}={chosen} for {data['method']}, but this run is "
-                                     f"{self.method} with {data['param']}={used}")
-        return {"param": data["param"], "value": chosen, "reason": data.get("reason"), "file": str(path),
-                "validation": data["validation"]}
+        given = next((getattr(g, ALIASES.get(data["param"], data["param"])) for g in self.settings_groups
+                      if hasattr(g, ALIASES.get(data["param"], data["param"]))), None)
+        if data["method"] != self.method or (given is not None and not _same(given, data["chosen"])):
+            raise ModelArgumentError(f"tuned={path} chose {data['param']}={data['chosen']} for {data['method']}, but "
+                                     f"this run is {self.method} with {data['param']}={given}")
+        return data
+
+    def tuned(self) -> dict | None:
+        """The ``tuned=`` record: which value was chosen on which validation documents.
+        Refuses a tune.json of another method or whose chosen value this run does not use."""
+        data = self._read_tuned()
+        if data is None:
+            return None
+        used = json.loads(self._identity_json()).get(ALIASES.get(data["param"], data["param"]))
+        if used is None or not _same(used, data["chosen"]):
+            raise ModelArgumentError(f"tuned={self.run_settings.tuned} chose {data['param']}={data['chosen']} for "
+                                     f"{data['method']}, but this run is {self.method} with {data['param']}={used}")
+        return {"param": data["param"], "value": data["chosen"], "reason": data.get("reason"),
+                "file": str(self.run_settings.tuned), "validation": data["validation"]}
 
     def get_model_info(self) -> dict:
         """Lands in the harness results JSON: the log, the settings, and degraded documents."""
         records = read_log(self.log_stem).values()
-        degraded = [r for r in records if r.get("missing_shards")]
+        degraded = [r for r in records if is_degraded(r)]
         return {**super().get_model_info(), "ttt_nn": {
             "log": str(self.log_stem.resolve()),
             "settings": json.loads(self._identity_json()),
@@ -254,6 +263,21 @@ class NeighbourLM(HFLM):
     def document_batches(self, documents: list[Document]) -> list[list[Document]]:
         return [[d] for d in documents]
 
+    def training_order(self, neighbours: Neighbours) -> Neighbours:
+        """The neighbours in the order the method uses them (and logs them)."""
+        return neighbours
+
+    @contextlib.contextmanager
+    def document_rng(self, documents: list[Document]):
+        """Randomness (dropout, sampling) seeded from the run's seed and the documents, so a
+        document scores the same in any order, on any rank, and when resumed; the harness's
+        own random state is left as it was."""
+        key = hashlib.sha256(f"{self.seed}:{','.join(d.key for d in documents)}".encode()).digest()
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int.from_bytes(key[:8], "little"))
+            yield
+
     # -- the loop ---------------------------------------------------------------------------
     def exclude_ids(self, document: Document) -> frozenset[int]:
         """Corpus ids a document must not retrieve: its own, for validation documents drawn
@@ -273,7 +297,8 @@ class NeighbourLM(HFLM):
         if self.retriever is None or self.k == 0:
             return Neighbours([], [], []), 0.0
         query = document.query(self.neighbour_settings.query)
-        return self.retriever.neighbours(query, self.k, self.exclude_ids(document)), time.perf_counter() - start
+        found = self.retriever.neighbours(query, self.k, self.exclude_ids(document))
+        return self.training_order(found), time.perf_counter() - start
 
     def _prefetch(self, documents: list[Document]) -> None:
         if self.retriever is None or self.k == 0 or not documents:
@@ -289,14 +314,14 @@ class NeighbourLM(HFLM):
             raise NotImplementedError(
                 f"--model {self.method} cannot answer {request_type} requests (supports: "
                 f"{', '.join(self.request_types)}); run those tasks with another model")
-        self.tuned()  # a wrong tuned= fails before any work
+        self.tuned()  # a tuned= that does not match the value used fails before any work
         documents = group_documents(request_type, requests)
         if documents:
             self._fix_batch_size()
         degraded = []
         stem = self.log_stem
         with RunLog(stem.parent, stem.name, json.loads(self._identity_json()), global_rank(self.rank)) as run_log:
-            finished = run_log.finished(self.neighbour_settings.resume)
+            finished = run_log.finished(self.run_settings.resume)
             todo = [d for d in documents if d.key not in finished]
             self._summary["resumed"] += len(documents) - len(todo)
             self._prefetch(todo)
@@ -304,7 +329,8 @@ class NeighbourLM(HFLM):
                       disable=disable_tqdm or self.rank != 0 or not todo) as bar:
                 for batch in self.document_batches(todo):
                     found = [self._neighbours(d) for d in batch]
-                    records = self.score_documents(batch, [n for n, _ in found])
+                    with self.document_rng(batch):
+                        records = self.score_documents(batch, [n for n, _ in found])
                     for document, (neighbours, seconds), record in zip(batch, found, records):
                         record = {"doc_key": document.key, "request_type": request_type, "task": document.task,
                                   "doc_id": document.doc_id, "bytes": len(document.text.encode("utf-8")),
@@ -322,11 +348,7 @@ class NeighbourLM(HFLM):
                         sorted({s for m in degraded for s in m}))
         answers = [finished[d.key]["results"] for d in documents]
         out = scatter(documents, answers, len(requests))
-        if request_type == "loglikelihood":
-            out = [tuple(a) for a in out]
-        for request, answer in zip(requests, out):
-            self.cache_hook.add_partial(request_type, request.args, answer)
-        return out
+        return [tuple(a) for a in out] if request_type == "loglikelihood" else out
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         return self._run("loglikelihood_rolling", requests, disable_tqdm)

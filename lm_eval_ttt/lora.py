@@ -14,7 +14,8 @@ is torch's AdamW with per-slot step counts, per-slot gradient clipping, and upda
 the slots that trained in a step. Documents are scored with their own slot. Results equal
 ``doc_batch=1`` to float rounding (different matmul shapes and reduction orders), provided
 dropout is off (the default lora_dropout=0 and a dropout-free base model): a batch draws
-its dropout masks in another order than one document at a time.
+its dropout masks in another order than one document at a time. ``doc_batch`` > 1 trains in
+fp32 without ``torch.compile`` and always resets Adam between documents (refused otherwise).
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def add_lora(model: torch.nn.Module, t: TrainSettings, seed: int):
     """The model wrapped with fresh adapters (initialised from ``seed``), base frozen."""
     from peft import get_peft_model
 
-    torch.manual_seed(seed)
-    try:
-        return get_peft_model(model, lora_config(t))
-    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
-        raise ModelArgumentError(f"adapter=lora: peft cannot adapt {type(model).__name__} ({e}); name the layers to "
-                                 f"adapt with lora_targets=, e.g. lora_targets=q_proj:v_proj") from e
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, lora_config(t))
+        except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+            raise ModelArgumentError(f"adapter=lora: peft cannot adapt {type(model).__name__} ({e}); name the layers "
+                                     f"to adapt with lora_targets=, e.g. lora_targets=q_proj:v_proj") from e
 
 
 def lora_layers(peft_model) -> dict[str, torch.nn.Module]:
@@ -171,6 +173,7 @@ class BatchedLoRATrainer:
         self.model = adapters.model
         self.device = next(self.model.parameters()).device
         self.optimizer = BatchedAdamW(adapters.parameters(), config, adapters.slots)
+        self.skipped_steps = 0  # fp32 only: no step is ever skipped
 
     def _losses(self, rows: list[list[int]]) -> torch.Tensor:
         """Mean next-token loss of each row (right-padded batch; causal attention keeps the
@@ -196,7 +199,6 @@ class BatchedLoRATrainer:
                 chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length, self.config.max_neighbor_tokens)]
             per_doc.append(chunks)
         losses: list[list[list[torch.Tensor]]] = [[[] for _ in n] for n in neighbour_tokens]
-        torch.manual_seed(self.config.seed)
         self.model.train()
         try:
             for t in range(max(map(len, per_doc), default=0)):
@@ -223,30 +225,3 @@ class BatchedLoRATrainer:
     def reset(self) -> None:
         self.adapters.reset()
         self.optimizer.reset()
-
-
-def score_pairs(lm, adapters: BatchedLoRA, pairs: list[tuple[int, list[int], list[int]]], batch: int
-                ) -> list[tuple[float, bool]]:
-    """(log-likelihood, greedy) of each (slot, context, continuation) with its slot's adapter,
-    computed as HFLM's ``_loglikelihood_tokens`` computes them (right padding, the last
-    ``max_length`` tokens, the continuation's log-softmax)."""
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][1]) - len(pairs[i][2]))
-    with torch.no_grad():
-        for start in range(0, len(order), batch):
-            chunk = order[start : start + batch]
-            inputs = [(pairs[i][1] + pairs[i][2])[-(lm.max_length + 1) :][:-1] for i in chunk]
-            width = max(map(len, inputs))
-            ids = torch.zeros((len(inputs), width), dtype=torch.long, device=lm.device)
-            for row, tokens in enumerate(inputs):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-            with adapters.use([pairs[i][0] for i in chunk]), torch.autocast(
-                    lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None):
-                logprobs = F.log_softmax(lm.model(ids).logits, dim=-1, dtype=lm.softmax_dtype)
-            for row, i in enumerate(chunk):
-                cont = pairs[i][2]
-                length = len(inputs[row])
-                logits = logprobs[row, length - len(cont) : length]
-                targets = torch.tensor(cont, device=lm.device)
-                out[i] = (float(logits.gather(1, targets[:, None]).sum()), bool((logits.argmax(-1) == targets).all()))
-    return out

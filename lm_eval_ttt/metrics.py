@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
@@ -17,7 +16,3 @@ def bits_per_byte(loglikelihoods: Sequence[float], n_bytes: int) -> float:
 
 def utf8_bytes(texts: Sequence[str]) -> int:
     return sum(len(t.encode("utf-8")) for t in texts)
-
-
-def words(text: str) -> int:
-    return len(re.split(r"\s+", text))

@@ -5,21 +5,24 @@ neighbours (nearest first, or as selected): one AdamW step per chunk of each nei
 the harness's own scoring of all the document's requests -> restore weights and optimizer.
 With k = 0 nothing is trained and the answers are ``--model hf``'s. ``eval_at_k`` adds
 scoring points on the way (the paper's curve) without re-scoring after every neighbour.
+With ``adapter=lora, doc_batch=B`` the same happens for B documents at once, each with its
+own adapter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+
+from index_server.encoder import CHARS_PER_TOKEN_BOUND
 
 from .documents import Document
 from .harness import NeighbourLM
-from .lora import BatchedLoRATrainer, score_pairs
+from .lora import BatchedLoRATrainer
 from .retriever import Neighbours
-from .settings import ModelArgumentError, NeighbourSettings, TrainSettings, TTTSettings
-from .trainers import build_trainer
-
-# Characters of a neighbour tokenised when only its first max_neighbor_tokens are trained on.
-_CHARS_PER_TOKEN_BOUND = 64
+from .scoring import continuation_scores
+from .settings import ModelArgumentError, NeighbourSettings, RunSettings, TrainSettings, TTTSettings
+from .trainers import build_trainer, check_train_settings
 
 
 def scoring_points(eval_at_k: tuple[int, ...] | None, k: int) -> list[int]:
@@ -32,7 +35,7 @@ def scoring_points(eval_at_k: tuple[int, ...] | None, k: int) -> list[int]:
 
 class TTTNNLM(NeighbourLM):
     method = "ttt-nn"
-    setting_groups = (NeighbourSettings, TrainSettings, TTTSettings)
+    setting_groups = (RunSettings, NeighbourSettings, TrainSettings, TTTSettings)
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
@@ -45,19 +48,28 @@ class TTTNNLM(NeighbourLM):
 
     def check_settings(self, hf_kwargs: dict) -> None:
         super().check_settings(hf_kwargs)
-        from .trainers import check_train_settings
-
-        scoring_points(self.settings_of(TTTSettings).eval_at_k, self.neighbour_settings.k)
-        check_train_settings(self.settings_of(TrainSettings), hf_kwargs)
+        ttt, train = self.settings_of(TTTSettings), self.settings_of(TrainSettings)
+        scoring_points(ttt.eval_at_k, self.neighbour_settings.k)
+        check_train_settings(train, hf_kwargs)
+        if train.doc_batch > 1 and not ttt.reset_optimizer:
+            raise ModelArgumentError("doc_batch > 1 resets every document's adapter and Adam state: "
+                                     "reset_optimizer=false needs doc_batch=1")
 
     def identity(self) -> dict:
         return {**super().identity(), "lr": self.trainer.config.lr if self.trainer else None}
 
+    def training_order(self, neighbours: Neighbours) -> Neighbours:
+        """Farthest first (the order ablation) reverses the neighbours; their sigmas follow
+        the selection order and are not logged then."""
+        if self.ttt_settings.order == "nearest":
+            return neighbours
+        return dataclasses.replace(neighbours, ids=neighbours.ids[::-1], distances=neighbours.distances[::-1],
+                                   texts=neighbours.texts[::-1], sigmas=None)
+
     def neighbour_tokens(self, neighbours: Neighbours) -> list[list[int]]:
         cap = self.ttt_settings.max_neighbor_tokens
-        texts = [t[: cap * _CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
-        tokens = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        return tokens[::-1] if self.ttt_settings.order == "farthest" else tokens
+        texts = [t[: cap * CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
+        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
     @property
     def batched(self) -> bool:
@@ -71,8 +83,16 @@ class TTTNNLM(NeighbourLM):
         size = self.train_settings.doc_batch
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def batched_results(self, documents: list[Document]) -> list[list]:
-        """Each document's answers with its own adapter (slot = its position in the batch)."""
+    def _train(self, tokens: list[list[list[int]]]) -> list[list[list[float]]]:
+        """Per document, its chunk losses per neighbour; one document unless batched."""
+        if self.batched:
+            return self.trainer.train(tokens)
+        return [self.trainer.train(tokens[0])]
+
+    def _results(self, documents: list[Document]) -> list[list]:
+        """Each document's answers with the current weights (its own adapter when batched)."""
+        if not self.batched:
+            return [self.stock_results(d) for d in documents]
         adapters = self.trainer.adapters
         pairs, owners = [], []
         for slot, document in enumerate(documents):
@@ -81,13 +101,14 @@ class TTTNNLM(NeighbourLM):
             elif document.request_type == "loglikelihood":
                 doc_pairs = self.encode_pairs(document)
             else:
-                continue
-            pairs += [(slot, ctx, cont) for ctx, cont in doc_pairs]
+                continue  # generated below, one document at a time with its adapter
+            pairs += doc_pairs
             owners += [slot] * len(doc_pairs)
-        scored = score_pairs(self, adapters, pairs, batch=self.batch_size * len(documents))
+        scored = continuation_scores(self, pairs, batch=self.batch_size * len(documents),
+                                     rows=lambda indices: adapters.use([owners[i] for i in indices]))
         results = []
         for slot, document in enumerate(documents):
-            mine = [s for s, owner in zip(scored, owners) if owner == slot]
+            mine = [x for x, owner in zip(scored, owners) if owner == slot]
             if document.request_type == "loglikelihood_rolling":
                 results.append([sum(ll for ll, _ in mine)])
             elif document.request_type == "loglikelihood":
@@ -98,60 +119,37 @@ class TTTNNLM(NeighbourLM):
         return results
 
     def score_documents(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
-        """doc_batch > 1: train every document of the batch at once, each on its own adapter;
-        timings are the batch's, split evenly over its documents."""
-        if not self.batched:
-            return super().score_documents(documents, neighbours)
+        """Train up to each scoring point, score, and reset at the end. With doc_batch > 1 the
+        batch trains at once and its timings are split evenly over its documents."""
         tokens = [self.neighbour_tokens(n) for n in neighbours]
         scores: list[dict] = [{} for _ in documents]
         losses: list[list] = [[] for _ in documents]
         timings = {"train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
-        done = 0
+        done, scored_at = 0, None
         try:
             for point in self.eval_at_k:
                 t = time.perf_counter()
                 if point > done:
-                    for i, trained in enumerate(self.trainer.train([tok[done:point] for tok in tokens])):
+                    for i, trained in enumerate(self._train([tok[done:point] for tok in tokens])):
                         losses[i] += trained
                 done = point
                 timings["train_s"] += time.perf_counter() - t
+                reached = [min(point, len(tok)) for tok in tokens]
+                if reached == scored_at:
+                    continue  # no document has a neighbour left to train on: same weights, same scores
                 t = time.perf_counter()
-                for i, results in enumerate(self.batched_results(documents)):
-                    scores[i][str(min(point, len(tokens[i])))] = results
+                for i, results in enumerate(self._results(documents)):
+                    scores[i][str(reached[i])] = results
+                scored_at = reached
                 timings["score_s"] += time.perf_counter() - t
         finally:
             t = time.perf_counter()
-            self.trainer.reset()
-            timings["reset_s"] = time.perf_counter() - t
-        share = {key: value / len(documents) for key, value in timings.items()}
-        return [{"results": scores[i][str(min(self.k, len(tokens[i])))], "results_at_k": scores[i],
-                 "chunk_losses": losses[i], "train_steps": sum(map(len, losses[i])), "doc_batch": len(documents),
-                 **share} for i in range(len(documents))]
-
-    def score_document(self, document: Document, neighbours: Neighbours) -> dict:
-        """Train up to each scoring point, score, and reset at the end."""
-        tokens = self.neighbour_tokens(neighbours)
-        timings = {"train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
-        scores, losses, done = {}, [], 0
-        try:
-            for point in self.eval_at_k:
-                t = time.perf_counter()
-                if point > done:
-                    losses += self.trainer.train(tokens[done:point])
-                done = point
-                timings["train_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                scores[str(min(point, len(tokens)))] = self.stock_results(document)
-                timings["score_s"] += time.perf_counter() - t
-        finally:
-            t = time.perf_counter()
+            skipped = self.trainer.skipped_steps if self.trainer is not None else 0
             if self.trainer is not None:
                 self.trainer.reset()
             timings["reset_s"] = time.perf_counter() - t
-        return {
-            "results": scores[str(min(self.k, len(tokens)))],
-            "results_at_k": scores,
-            "chunk_losses": losses,
-            "train_steps": sum(map(len, losses)),
-            **timings,
-        }
+        share = {key: value / len(documents) for key, value in timings.items()}
+        return [{"results": scores[i][str(min(self.k, len(tokens[i])))], "results_at_k": scores[i],
+                 "chunk_losses": losses[i], "train_steps": sum(map(len, losses[i])) - skipped,
+                 **({"skipped_steps": skipped} if skipped else {}),
+                 **({"doc_batch": len(documents)} if self.batched else {}), **share} for i in range(len(documents))]

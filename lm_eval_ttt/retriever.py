@@ -28,17 +28,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from index_server.encoder import EncoderConfig, TextEncoder
-from index_server.options import IndexOptions, open_index
+from index_server.options import open_index
 
 from .documents import text_key
 from .jsonl import append_record, lock_for, read_records
-from .selection import (STOP_DISTANCE, STOP_EXHAUSTED, STOP_K, STOP_NONE, Selection, select_sift, sigmas_of)
+from .selection import STOP_DISTANCE, STOP_EXHAUSTED, STOP_K, STOP_NONE, Selection, select_sift, sigmas_of
+from .settings import NeighbourSettings
 
 # Two texts are near-exact copies when this fraction of their word 5-grams is shared
 # (Jaccard). Catches the same file with edited whitespace, headers or a few lines changed.
 DUPLICATE_JACCARD = 0.8
 _SHINGLE = 5
-_SIFT_ROUNDS = 10  # re-selections after dropping picked near-duplicates
 
 
 class RetrievalError(RuntimeError):
@@ -120,39 +120,35 @@ class NeighbourCache:
             append_record(self.path, entry)
 
 
-@dataclass(frozen=True)
-class SelectionConfig:
-    select: str = "nearest"
-    candidates: int = 200
-    sift_lambda: float = 0.01
-    alpha: float | None = None
-    max_distance: float | None = None
-    exclude_duplicates: bool = False
-
-
 class Retriever:
-    def __init__(self, index, selection: SelectionConfig = SelectionConfig(), cache_dir: Path | None = None,
-                 device: str = "cpu"):
+    """Neighbours from an open index, chosen as ``settings`` (``NeighbourSettings``) say."""
+
+    def __init__(self, index, settings: NeighbourSettings, cache_dir: Path | None = None, device: str = "cpu"):
         self.index = index
-        self.config = selection
+        self.config = settings
         self.manifest = index.manifest
-        if selection.max_distance is not None and self.manifest.metric != "l2":
+        if settings.max_distance is not None and self.manifest.metric != "l2":
             raise ValueError("max_distance needs an l2 index (this one ranks by inner product)")
         encoder = self.manifest.encoder
         self.encoder = TextEncoder(EncoderConfig(encoder["name_or_path"], encoder["max_tokens"]), device=device)
+        # The search settings in effect that change an approximate index's answers (Flat: none).
+        knobs = index.knobs
+        ivf, hnsw = "IVF" in self.manifest.factory, "HNSW" in self.manifest.factory
+        self.signature = {"identity": self.manifest.identity, "nprobe": knobs.nprobe if ivf else None,
+                          "ef_search": knobs.ef_search if hnsw else None,
+                          "refine_factor": knobs.refine_factor if self.manifest.vectors else None}
         self.cache = None
         if cache_dir is not None:
-            options = getattr(index, "options", IndexOptions())
-            search = json.dumps([options.nprobe, options.ef_search, options.refine_factor if self.manifest.vectors
-                                 else None])
-            suffix = hashlib.sha256(search.encode()).hexdigest()[:8]
+            suffix = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:8]
             self.cache = NeighbourCache(Path(cache_dir) / f"{self.manifest.identity}-{suffix}.jsonl")
         self._queries: dict[str, Candidates] = {}  # this process's retrievals, cached or not
 
     @classmethod
-    def open(cls, spec: str, options: IndexOptions, selection: SelectionConfig, cache_dir: Path | None,
-             device: str = "cpu") -> Retriever:
-        return cls(open_index(spec, options), selection, cache_dir, device)
+    def open(cls, settings: NeighbourSettings, cache_dir: Path | None = None, device: str = "cpu") -> Retriever:
+        """The index ``settings.index`` opened with every option of ``settings``."""
+        if settings.index is None:
+            raise ValueError("no index given")
+        return cls(open_index(settings.index, settings.index_options()), settings, cache_dir, device)
 
     def fetch_k(self, k: int, excluded: int = 0) -> int:
         """Candidates to retrieve for k neighbours: K for SIFT, else k plus room for filters."""
@@ -232,25 +228,29 @@ class Retriever:
                     out.texts.append(neighbour)
             if len(out.ids) == k:
                 break
-        vectors, source = self.index.vectors(out.ids) if out.ids else (None, None)
-        if vectors is not None:
+        if out.ids:
+            vectors, out.vectors = self._vectors(out.ids, out.texts)
             out.sigmas = sigmas_of(found.query, vectors, list(range(len(out.ids))), self.config.sift_lambda)
-            out.vectors = source
 
-    def _candidate_vectors(self, ids: list[int]) -> tuple[np.ndarray, str]:
+    def _vectors(self, ids: list[int], texts: list[str | None] | None = None) -> tuple[np.ndarray, str]:
+        """Embedding vectors of ids: from the index when it keeps them exactly (or as float16
+        copies), else the texts re-embedded with the index's encoder."""
         vectors, source = self.index.vectors(ids)
-        if vectors is None:  # lossy codes (PQ): embed the candidates' texts with the index's encoder
-            texts = self.index.texts(ids)
+        if vectors is None:  # lossy codes (PQ)
+            texts = texts if texts is not None else self.index.texts(ids)
             if any(t is None for t in texts):
-                raise RetrievalError("select=sift cannot re-embed candidates on a shard that is down")
+                raise RetrievalError("cannot re-embed neighbours on a shard that is down")
             vectors, source = self.encoder.encode(texts), "re-embedded"
         return vectors, source
 
     def _sift(self, text: str, found: Candidates, ids: list[int], distances: list[float], k: int,
               out: Neighbours) -> None:
-        vectors, out.vectors = self._candidate_vectors(ids)
+        if not ids:
+            out.stop_reason = STOP_NONE
+            return
+        vectors, out.vectors = self._vectors(ids)
         active = list(range(len(ids)))
-        for _ in range(_SIFT_ROUNDS):
+        while True:  # every round drops at least one candidate, so this ends
             picked: Selection = select_sift(found.query, vectors[active], k, self.config.sift_lambda,
                                             self.config.alpha)
             order = [active[j] for j in picked.order]
@@ -266,8 +266,6 @@ class Retriever:
                 else:
                     out.excluded.append(ids[i])
             active = [i for i in active if i not in bad]
-        else:
-            raise RetrievalError(f"select=sift kept picking near-duplicates after {_SIFT_ROUNDS} rounds")
         out.ids = [ids[i] for i in order]
         out.distances = [distances[i] for i in order]
         out.texts = [texts[i] for i in order]
@@ -289,7 +287,7 @@ class Retriever:
                 self._sift(text, found, ids, distances, k, out)
             else:
                 self._nearest(text, found, ids, distances, k, out)
-                out.stop_reason = STOP_K if len(out.ids) == k else STOP_EXHAUSTED
+                out.stop_reason = STOP_K if len(out.ids) == k else STOP_EXHAUSTED if ids else STOP_NONE
             if len(near) < len(pairs) and out.stop_reason in (STOP_EXHAUSTED, STOP_NONE):
                 out.stop_reason = STOP_DISTANCE  # fewer than k because of the distance cut
             return out

@@ -21,6 +21,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from index_server.options import IndexOptions
@@ -29,16 +30,30 @@ _DEFAULT_INDEX_OPTIONS = IndexOptions()
 
 
 def arg(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-        above: float | None = None, scoring: bool = True):
-    """A model argument. ``minimum`` is inclusive, ``above`` exclusive; ``scoring=False``
-    marks arguments that cannot change a score (left out of the settings identity)."""
+        above: float | None = None, below: float | None = None, scoring: bool = True):
+    """A model argument. ``minimum`` is inclusive, ``above`` and ``below`` exclusive;
+    ``scoring=False`` marks arguments that cannot change a score (left out of the settings
+    identity)."""
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
-                                            "above": above, "scoring": scoring})
+                                            "above": above, "below": below, "scoring": scoring})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The per-document log and the run's randomness: every method."""
+
+    log_dir: str | None = arg(None, "per-document logs (default: <--output_path>/ttt-nn-logs, else ./ttt-nn-logs)",
+                              scoring=False)
+    resume: bool = arg(True, "reuse documents already in the log of a run with the same settings", scoring=False)
+    seed: int | None = arg(None, "seed of the per-document training randomness (default: the harness's --seed "
+                                 "torch seed)", minimum=0)
+    tuned: str | None = arg(None, "tune.json written by `ttt-nn tune` whose chosen value this run uses; the results "
+                                  "record it and the validation documents", scoring=False)
 
 
 @dataclass(frozen=True)
 class NeighbourSettings:
-    """Retrieval, selection and the per-document log: shared by every method."""
+    """Retrieval and selection: every method that uses neighbours."""
 
     index: str | None = arg(None, "index directory, or grpc://host:port+host:port for shard servers "
                                   "(default: the bundled index, built on first use)", scoring=False)
@@ -68,17 +83,29 @@ class NeighbourSettings:
     index_token_file: str | None = arg(None, "gRPC: file holding the servers' bearer token (or set "
                                              "TTT_NN_INDEX_TOKEN)", scoring=False)
     index_tls_ca: str | None = arg(None, "gRPC: PEM root certificate of TLS servers", scoring=False)
-    index_nprobe: int | None = arg(_DEFAULT_INDEX_OPTIONS.nprobe, "IVF lists probed per query", minimum=1)
-    index_ef_search: int | None = arg(_DEFAULT_INDEX_OPTIONS.ef_search, "HNSW efSearch", minimum=1)
+    # Search knobs reach the settings identity through the retriever's signature, which
+    # counts them only for index types whose answers they change.
+    index_nprobe: int | None = arg(_DEFAULT_INDEX_OPTIONS.nprobe, "IVF lists probed per query (default: the "
+                                                                  "server's, else the index's: nlist/32)", minimum=1,
+                                   scoring=False)
+    index_ef_search: int | None = arg(_DEFAULT_INDEX_OPTIONS.ef_search, "HNSW efSearch (default: the server's, else "
+                                                                        "Faiss's)", minimum=1, scoring=False)
+    index_refine_factor: int | None = arg(_DEFAULT_INDEX_OPTIONS.refine_factor, "--refine indexes: candidates per "
+                                                                                 "neighbour re-ranked exactly (default: "
+                                                                                 "the server's, else 4)", minimum=1,
+                                          scoring=False)
     corpus_root: str | None = arg(None, "in-process index: directory its corpus files live under on this machine",
                                   scoring=False)
-    log_dir: str | None = arg(None, "per-document logs (default: <--output_path>/ttt-nn-logs, else ./ttt-nn-logs)",
-                              scoring=False)
-    resume: bool = arg(True, "reuse documents already in the log of a run with the same settings", scoring=False)
-    seed: int | None = arg(None, "seed of the per-document training randomness (default: the harness's --seed "
-                                 "torch seed)", minimum=0)
-    tuned: str | None = arg(None, "tune.json written by `ttt-nn tune` whose chosen value this run uses; the results "
-                                  "record it and the validation documents", scoring=False)
+
+    def index_options(self) -> IndexOptions:
+        """How to open ``index``: every option given here reaches the client."""
+        return IndexOptions(
+            timeout_s=self.retrieval_timeout, failure_policy=self.failure_policy,
+            token_file=Path(self.index_token_file) if self.index_token_file else None,
+            tls_ca=Path(self.index_tls_ca) if self.index_tls_ca else None, nprobe=self.index_nprobe,
+            ef_search=self.index_ef_search, refine_factor=self.index_refine_factor,
+            corpus_root=Path(self.corpus_root) if self.corpus_root else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,9 +121,9 @@ class TrainSettings:
                        choices=("none", "lora"))
     lora_r: int = arg(8, "adapter=lora: rank", minimum=1)
     lora_alpha: float = arg(16.0, "adapter=lora: scaling numerator (scale = lora_alpha / lora_r)", above=0)
-    lora_dropout: float = arg(0.0, "adapter=lora: dropout on the adapter input", minimum=0)
+    lora_dropout: float = arg(0.0, "adapter=lora: dropout on the adapter input", minimum=0, below=1)
     lora_targets: tuple[str, ...] | None = arg(None, "adapter=lora: module names to adapt, e.g. q_proj:v_proj "
-                                                     "(default: what peft infers for the architecture)")
+                                                     "(default: every linear layer peft finds but the output head)")
     doc_batch: int = arg(1, "adapter=lora: documents trained at once, each with its own adapter", minimum=1,
                          scoring=False)
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass instead of keeping them: "
@@ -123,8 +150,8 @@ class ContextSettings:
 
 @dataclass(frozen=True)
 class InterpolationSettings:
-    lam: float = arg(0.1, "weight of the neighbours' token histogram, (1-lambda) p_model + lambda h; "
-                          "alias lambda", minimum=0)
+    lam: float = arg(0.1, "weight of the neighbours' token histogram, (1-lambda) p_model + lambda h",
+                     minimum=0, below=1)
 
 
 @dataclass(frozen=True)
@@ -212,6 +239,8 @@ def _check(name: str, meta: dict, value) -> None:
             raise ModelArgumentError(f"{name}: must be >= {meta['minimum']}, got {item!r}")
         if meta["above"] is not None and item <= meta["above"]:
             raise ModelArgumentError(f"{name}: must be > {meta['above']}, got {item!r}")
+        if meta["below"] is not None and item >= meta["below"]:
+            raise ModelArgumentError(f"{name}: must be < {meta['below']}, got {item!r}")
 
 
 def build(cls, values: dict):

@@ -29,6 +29,8 @@ def check_train_settings(t: TrainSettings, hf_kwargs: dict) -> None:
         raise ModelArgumentError("adapter=lora trains fresh adapters; it cannot be combined with peft=")
     if t.doc_batch > 1 and t.adapter != "lora":
         raise ModelArgumentError("doc_batch > 1 needs adapter=lora (each document trains its own adapter)")
+    if t.doc_batch > 1 and (t.precision != "fp32" or t.compile):
+        raise ModelArgumentError("doc_batch > 1 trains in fp32 without torch.compile: drop precision= / compile=")
 
 
 def _train_loaded_adapter(model: torch.nn.Module) -> None:
@@ -54,7 +56,7 @@ def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_o
     else:
         lr = DEFAULT_LORA_LR if t.adapter == "lora" else default_lr(n_parameters(lm.model))
     config = TTTConfig(lr=lr, max_length=lm.max_length, max_neighbor_tokens=max_neighbor_tokens,
-                       reset_optimizer=reset_optimizer, seed=lm.seed, precision=t.precision, compile=t.compile)
+                       reset_optimizer=reset_optimizer, precision=t.precision, compile=t.compile)
     if t.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.adapter == "lora":

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 import torch
 
 MIN_CHUNK_TOKENS = 2
+
+
+class LowPrecisionWeightsError(ValueError):
+    """Full-parameter training refused on bf16/fp16 weights (no fp32 master copy)."""
 LARGE_MODEL_PARAMS = 1_000_000_000
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +50,6 @@ class TTTConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     reset_optimizer: bool = True
-    seed: int = 1234
     precision: str = "fp32"
     compile: bool = False
 
@@ -75,10 +78,12 @@ class TestTimeTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        low = {str(p.dtype) for p in self.params if p.dtype != torch.float32}
-        if low:
-            warnings.warn(f"training {', '.join(sorted(low))} weights directly (no fp32 master copy); load the model "
-                          f"with dtype=float32 and set precision=bf16 for mixed precision", stacklevel=2)
+        low = {str(p.dtype).removeprefix("torch.") for p in self.params if p.dtype != torch.float32}
+        if low:  # AdamW steps of ~1e-5 are below the rounding step of most bf16/fp16 weights
+            raise LowPrecisionWeightsError(
+                f"the model's weights are {', '.join(sorted(low))}: updated in place, most test-time training steps "
+                f"would round away. Load it with dtype=float32 (add precision=bf16 for bf16 arithmetic), or train "
+                f"adapters (adapter=lora keeps them in float32)")
         with torch.no_grad():
             self._snapshot = [p.detach().clone() for p in self.params]
         self.optimizer = make_adamw(self.params, config)
@@ -86,6 +91,7 @@ class TestTimeTrainer:
         self.autocast_dtype = PRECISIONS[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.forward = self._compiled_forward() if config.compile else model
+        self.skipped_steps = 0  # fp16 steps skipped on overflow since the last reset
 
     def _compiled_forward(self):
         try:
@@ -107,7 +113,9 @@ class TestTimeTrainer:
                 return self.model(input_ids=inputs, labels=inputs).loss
 
     def step(self, chunk: Sequence[int]) -> torch.Tensor:
-        """One optimizer step on one chunk (labels = inputs); the loss stays on the device."""
+        """One optimizer step on one chunk (labels = inputs); the loss stays on the device.
+        fp16: a step the gradient scaler skips (overflow) is counted in ``skipped_steps``
+        (reading the scale is the one host synchronisation of that mode)."""
         inputs = torch.tensor([list(chunk)], device=self.device)
         with torch.enable_grad():
             loss = self._loss(inputs)
@@ -115,8 +123,10 @@ class TestTimeTrainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                self.skipped_steps += self.scaler.get_scale() < scale
             else:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -126,8 +136,8 @@ class TestTimeTrainer:
 
     def train(self, neighbour_tokens: Sequence[Sequence[int]]) -> list[list[float]]:
         """Train on neighbours in the given order; returns per-neighbour chunk losses
-        (nats per token), read from the device once."""
-        torch.manual_seed(self.config.seed)  # dropout masks: same document, same run
+        (nats per token), read from the device once. (The caller seeds the randomness per
+        document: the base loop does.)"""
         self.model.train()
         try:
             losses = [[self.step(c) for c in chunk_tokens(tokens, self.config.max_length,
@@ -151,3 +161,4 @@ class TestTimeTrainer:
             self.optimizer.state.clear()
         if self.scaler is not None:
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self.skipped_steps = 0

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 from lm_eval.api.instance import Instance
 
-from index_server.options import IndexOptions, open_index
+from index_server.options import open_index
 
 from ._registration import models
 from .documents import group_documents
 from .metrics import bits_per_byte, utf8_bytes
 from .runlog import read_log
+from .settings import NeighbourSettings, known_names, parse_model_args
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,17 @@ def choose(rows: list[dict]) -> tuple[dict, str]:
     return best, reason
 
 
-def run_tune(config: TuneConfig, echo=print) -> dict:
-    spec = config.model_args.get("index")
-    if spec is None:
-        from .assets import ensure_default_index
+HARNESS_SEED = 1234  # lm_eval's default --seed torch seed: tune's numbers equal lm_eval's
 
-        spec = str(ensure_default_index())
-    index = open_index(spec, IndexOptions())
+
+def run_tune(config: TuneConfig, echo=print) -> dict:
+    from .assets import ensure_default_index
+
+    config = replace(config, model_args={"seed": HARNESS_SEED, **config.model_args})
+    names = known_names([NeighbourSettings])
+    (settings,) = parse_model_args((NeighbourSettings,), {k: v for k, v in config.model_args.items() if k in names})[0]
+    spec = settings.index if settings.index is not None else str(ensure_default_index())
+    index = open_index(spec, settings.index_options())  # the run's token, TLS, corpus root, timeout
     try:
         documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
         identity = index.manifest.identity

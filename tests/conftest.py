@@ -142,10 +142,14 @@ def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat",
 
 def make_lm(cls, tmp_path: Path, tiny_lm: Path, index: Path | str | None, **kw):
     """A harness model on the tiny LM and a small index, logging under tmp_path."""
-    args = dict(pretrained=str(tiny_lm), k=3, max_length=64, log_dir=str(tmp_path / "logs"),
-                neighbour_cache=str(tmp_path / "cache"), device="cpu", batch_size=1, seed=1)
-    if index is not None:
-        args["index"] = str(index)
+    from lm_eval_ttt.settings import NeighbourSettings
+
+    args = dict(pretrained=str(tiny_lm), max_length=64, log_dir=str(tmp_path / "logs"), device="cpu", batch_size=1,
+                seed=1)
+    if NeighbourSettings in cls.setting_groups:  # methods that retrieve
+        args.update(k=3, neighbour_cache=str(tmp_path / "cache"))
+        if index is not None:
+            args["index"] = str(index)
     args.update(kw)
     return cls(**args)
 

@@ -94,9 +94,7 @@ def test_settings_identity_covers_every_hflm_argument(tiny_lm, tmp_path):
     same = make_lm(TTTNNLM, tmp_path, tiny_lm, None, k=0, batch_size=2)  # cannot change a score
     assert same.log_stem == base.log_stem
     for change in ({"prefix_token_id": 0}, {"add_bos_token": True}, {"softmax_dtype": "float64"},
-                   {"revision": "other"}, {"seed": 2}, {"k": 1, "index": str(tmp_path / "unused")}):
-        if "index" in change:
-            continue  # covered by the retrieval tests; needs an index
+                   {"revision": "other"}, {"seed": 2}):
         other = make_lm(TTTNNLM, tmp_path, tiny_lm, None, k=0, **change)
         assert other.log_stem != base.log_stem, change
 
@@ -190,7 +188,7 @@ def test_unsupported_request_type_is_a_clear_error_before_any_work(tiny_lm, tmp_
 
     from lm_eval_ttt.tune import model_class
 
-    lm = make_lm(model_class(method), tmp_path, tiny_lm, None, k=0)
+    lm = make_lm(model_class(method), tmp_path, tiny_lm, None, **({"k": 0} if method == "ttt-nn-interp" else {}))
     args = ("ctx", {"until": ["\n"]}) if request_type == "generate_until" else ("ctx", " x")
     with pytest.raises(NotImplementedError, match=f"--model {method} cannot answer {request_type} requests"):
         getattr(lm, request_type)([Instance(request_type, {}, args, 0)])
@@ -233,3 +231,108 @@ def test_the_hook_reads_the_entry_points():
     from lm_eval_ttt import _registration
 
     assert set(_registration.models()) == {"ttt-nn", "ttt-nn-context", "ttt-nn-interp", "ttt-nn-dyneval"}
+
+
+def test_readme_documents_every_model_argument():
+    from lm_eval_ttt import settings
+
+    readme = (REPO / "README.md").read_text()
+    groups = (settings.NeighbourSettings, settings.TrainSettings, settings.TTTSettings, settings.ContextSettings,
+              settings.InterpolationSettings, settings.DynamicEvalSettings)
+    for name, default, _ in settings.help_rows(groups):
+        name = {v: k for k, v in settings.ALIASES.items()}.get(name, name)
+        shown = "-" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        assert f"| `{name}` | {shown} |" in readme, name
+
+
+def test_a_built_model_and_retriever_can_be_injected(tiny_lm, small_index, test_docs, tmp_path):
+    """Unit tests (and notebooks) pass objects instead of paths: a model with its tokenizer
+    and a retriever over an index that is already open."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_ttt.retriever import Retriever
+    from lm_eval_ttt.settings import NeighbourSettings
+
+    retriever = Retriever.open(NeighbourSettings(index=str(small_index)))
+    lm = TTTNNLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), tokenizer=AutoTokenizer.from_pretrained(tiny_lm),
+                 retriever=retriever, k=2, max_length=64, log_dir=str(tmp_path), device="cpu", seed=1)
+    assert lm.retriever is retriever
+    lm.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
+    (record,) = read_log(lm.log_stem).values()
+    assert record["neighbour_ids"] == retriever.neighbours(test_docs[0], 2).ids
+    with pytest.raises(ModelArgumentError, match="a model object needs its tokenizer object"):
+        TTTNNLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), k=0)
+
+
+def test_every_request_type_resumes_from_the_log(tiny_lm, small_index, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    mc = [Instance("loglikelihood", {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", 0, 1))
+          for c in (" json", " os")]
+    gen = [Instance("generate_until", {}, ("def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 4}), 0,
+                    metadata=("gen", 0, 1))]
+    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, lr=1e-3)
+    first = lm.loglikelihood(mc), lm.generate_until(gen)
+    lm.score_documents = lambda *a: pytest.fail("a logged document was scored again")
+    assert (lm.loglikelihood(mc), lm.generate_until(gen)) == first
+    records = list(read_log(lm.log_stem).values())
+    assert all(r["retrieve_s"] < 0.05 for r in records)  # neighbours came from the up-front retrieval
+
+
+def test_sampled_repeats_differ_and_greedy_ones_are_generated_once(tiny_lm, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, None, k=0)
+    sampled = Instance("generate_until", {}, ("def f(", {"until": ["\n"], "max_gen_toks": 8, "temperature": 1.0}), 0,
+                       metadata=("gen", 0, 3))
+    out = lm.generate_until([sampled] * 3)  # repeats=3: the evaluator passes the instance 3 times
+    assert len(set(out)) > 1
+    greedy = Instance("generate_until", {}, ("def g(", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}),
+                      0, metadata=("gen", 1, 2))
+    calls = []
+    original = lm.score_documents
+    lm.score_documents = lambda docs, n: calls.append(docs) or original(docs, n)
+    assert len(set(lm.generate_until([greedy] * 2))) == 1 and len(calls) == 1
+
+
+def test_choices_with_their_own_contexts_retrieve_on_the_shared_question():
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_ttt.documents import group_documents
+
+    question = "The trophy does not fit in the suitcase because the "
+    choices = [Instance("loglikelihood", {}, (question + option, " is too big."), 0, metadata=("wino", 7, 1))
+               for option in ("trophy", "suitcase")]
+    (document,) = group_documents("loglikelihood", choices)
+    assert document.query("full") == question
+
+
+def test_interpolation_without_neighbours_is_the_base_model(tiny_lm, test_docs, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_ttt.baselines import InterpolationLM
+
+    lm = make_lm(InterpolationLM, tmp_path, tiny_lm, None, k=0, **{"lambda": 0.1})
+    ours = lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
+    assert ours == pytest.approx(HFLM.loglikelihood_rolling(lm, requests(test_docs), disable_tqdm=True), rel=1e-6)
+
+
+def test_full_training_of_low_precision_weights_is_refused(tiny_lm, small_index, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_ttt.ttt import LowPrecisionWeightsError
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(bf16)
+    with pytest.raises(LowPrecisionWeightsError, match="bfloat16: updated in place, most test-time training steps"):
+        make_lm(TTTNNLM, tmp_path, bf16, small_index, k=2, dtype="auto")
+    lora = make_lm(TTTNNLM, tmp_path, bf16, small_index, k=2, dtype="auto", adapter="lora")
+    assert all(p.dtype == torch.float32 for p in lora.model.parameters() if p.requires_grad)
+
+
+def test_dyneval_takes_no_retrieval_arguments(tiny_lm, tmp_path):
+    from lm_eval_ttt.baselines import DynamicEvalLM
+
+    with pytest.raises(ModelArgumentError, match="unknown model argument 'k'"):
+        DynamicEvalLM(pretrained=str(tiny_lm), k=5, device="cpu")

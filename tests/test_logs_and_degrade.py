@@ -47,8 +47,8 @@ def test_degraded_answer_is_logged_counted_warned_never_cached_and_rescored(tiny
         fail = make_lm(TTTNNLM, tmp_path, tiny_lm, spec, k=3, failure_policy="fail")
         assert fail.log_stem == degrade.log_stem  # the policy does not change a score...
         scored = []
-        original = fail.score_document
-        fail.score_document = lambda doc, n: scored.append(doc) or original(doc, n)
+        original = fail.score_documents
+        fail.score_documents = lambda docs, n: scored.extend(docs) or original(docs, n)
         lls = fail.loglikelihood_rolling(requests(test_docs[:2]), disable_tqdm=True)
         assert len(scored) == 2  # ... but degraded documents are scored again
         local = make_lm(TTTNNLM, tmp_path / "local", tiny_lm, two_shards, k=3)

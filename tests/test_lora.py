@@ -83,6 +83,9 @@ def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default
         losses_four = [x for n in records_four[key]["chunk_losses"] for x in n]
         assert losses_one == pytest.approx(losses_four, rel=BATCH_TOLERANCE)
     assert sorted(r["doc_batch"] for r in records_four.values()) == [1, 4, 4, 4, 4]
+    calls = []
+    four.score_documents = lambda docs, n: calls.append(docs)  # a rerun resumes from the log
+    assert four.loglikelihood_rolling(requests(docs), disable_tqdm=True) == b and calls == []
     adapters = four.trainer.adapters  # after the batches: adapters and Adam as freshly initialised
     assert all(torch.equal(p, saved) for p, saved in zip(adapters.parameters(), adapters.initial))
     assert all(not m.any() and not v.any() for m, v in four.trainer.optimizer.state)

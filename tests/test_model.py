@@ -56,8 +56,8 @@ def test_resume_reuses_finished_documents_with_identical_numbers(tiny_lm, small_
     assert len(lines) == 3
     log_file.write_text(lines[0] + "\n")  # as if interrupted after one document
     calls = []
-    original = lm.score_document
-    lm.score_document = lambda doc, n: calls.append(doc) or original(doc, n)
+    original = lm.score_documents
+    lm.score_documents = lambda docs, n: calls.extend(docs) or original(docs, n)
     again = lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
     assert again == first
     assert [c.text for c in calls] == test_docs[1:]

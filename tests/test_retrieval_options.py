@@ -8,10 +8,10 @@ import zstandard
 from lm_eval.api.instance import Instance
 
 from conftest import make_lm
-from index_server.options import IndexOptions
 from lm_eval_ttt.model import TTTNNLM
-from lm_eval_ttt.retriever import Retriever, SelectionConfig, is_near_duplicate
+from lm_eval_ttt.retriever import Retriever, is_near_duplicate
 from lm_eval_ttt.runlog import read_log
+from lm_eval_ttt.settings import NeighbourSettings
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def indexed_doc(small_corpus):
 
 
 def retriever(index, cache=None, **selection):
-    return Retriever.open(str(index), IndexOptions(), SelectionConfig(**selection), cache)
+    return Retriever.open(NeighbourSettings(index=str(index), **selection), cache)
 
 
 def test_cache_serves_smaller_k_without_searching(small_index, indexed_doc, tmp_path):
@@ -69,7 +69,9 @@ def test_farthest_order_trains_in_reverse(tiny_lm, small_index, tmp_path):
         lm = make_lm(TTTNNLM, tmp_path / order, tiny_lm, small_index, k=3, order=order, lr=1e-3)
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)], disable_tqdm=True)
         (records[order],) = read_log(lm.log_stem).values()
-    assert records["nearest"]["neighbour_ids"] == records["farthest"]["neighbour_ids"]
+    # logged in training order, so chunk_losses[i] belongs to neighbour_ids[i]
+    assert records["farthest"]["neighbour_ids"] == records["nearest"]["neighbour_ids"][::-1]
+    assert records["farthest"]["sigmas"] is None and len(records["nearest"]["sigmas"]) == 3
     first_losses = [r["chunk_losses"][0][0] for r in records.values()]
     assert first_losses[0] != first_losses[1]  # different first training chunk
     assert records["nearest"]["results"] != records["farthest"]["results"]

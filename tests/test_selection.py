@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import make_lm, requests
-from index_server.options import IndexOptions
 from lm_eval_ttt.model import TTTNNLM
-from lm_eval_ttt.retriever import Retriever, SelectionConfig
+from lm_eval_ttt.retriever import Retriever
 from lm_eval_ttt.runlog import read_log
 from lm_eval_ttt.selection import normalise, select_sift, sigmas_of
+from lm_eval_ttt.settings import NeighbourSettings
 
 
 def posterior_variance(q: np.ndarray, picked: np.ndarray, lam: float) -> float:
@@ -136,7 +136,7 @@ def test_sift_through_the_model_logs_its_selection(tiny_lm, small_index, test_do
             assert r["candidates"] == 40 and r["vectors"] == "exact"
             assert all(a >= b for a, b in zip(r["sigmas"], r["sigmas"][1:]))  # uncertainty only falls
             assert len(r["chunk_losses"]) == 6  # one training pass per selected example
-        direct = Retriever.open(str(small_index), IndexOptions(), SelectionConfig(select="sift", candidates=40), None)
+        direct = Retriever.open(NeighbourSettings(index=str(small_index), select="sift", candidates=40))
         assert records[0]["neighbour_ids"] == direct.neighbours(test_docs[0], 6).ids  # same picks on both backends
     finally:
         if server is not None:
@@ -146,7 +146,7 @@ def test_sift_through_the_model_logs_its_selection(tiny_lm, small_index, test_do
 def test_nearest_selection_is_the_index_top_k(small_index, test_docs):
     from index_server.search import LocalIndex
 
-    plain = Retriever.open(str(small_index), IndexOptions(), SelectionConfig(), None)
+    plain = Retriever.open(NeighbourSettings(index=str(small_index)))
     local = LocalIndex(small_index)
     found = plain.neighbours(test_docs[0], 5)
     top = local.search(plain.encoder.encode([test_docs[0]]), 5)
@@ -155,9 +155,9 @@ def test_nearest_selection_is_the_index_top_k(small_index, test_docs):
 
 
 def test_switching_the_selector_reuses_the_cached_candidates(small_index, test_docs, tmp_path):
-    first = Retriever.open(str(small_index), IndexOptions(), SelectionConfig(select="sift", candidates=30), tmp_path)
+    first = Retriever.open(NeighbourSettings(index=str(small_index), select="sift", candidates=30), tmp_path)
     first.neighbours(test_docs[1], 4)
-    again = Retriever.open(str(small_index), IndexOptions(), SelectionConfig(select="nearest"), tmp_path)
+    again = Retriever.open(NeighbourSettings(index=str(small_index), select="nearest"), tmp_path)
     calls = []
     search = again.index.search
     again.index.search = lambda *a: calls.append(a) or search(*a)
@@ -168,6 +168,6 @@ def test_pq_index_candidates_are_re_embedded(small_corpus, test_docs, tmp_path):
     from conftest import build_small
 
     pq = build_small(small_corpus, tmp_path / "pq", factory="IVF4,PQ16", max_tokens=32)
-    sift = Retriever.open(str(pq), IndexOptions(nprobe=4), SelectionConfig(select="sift", candidates=12), None)
+    sift = Retriever.open(NeighbourSettings(index=str(pq), index_nprobe=4, select="sift", candidates=12))
     found = sift.neighbours(test_docs[0], 3)
     assert found.vectors == "re-embedded" and len(found.ids) == 3
