@@ -5,7 +5,7 @@ Usage: python benchmarks/bench_select.py [--dim 384] [--json PATH]
 Selection time per document (exact greedy with rank-one updates, selection.select_sift)
 for K = 200, 1000, 4000 candidates and k = 20, 50 picks, on clustered synthetic candidate
 vectors of the encoder's width (the cost depends on K, k and the width only), plus fetching
-K exact candidate vectors from the bundled index. TTT time per document is measured on the
+K exact candidate vectors from the bundled index (where it holds K vectors). TTT time per document is measured on the
 bundled model: seconds per trained neighbour (256-token chunks, 256 tokens per neighbour)
 times k. Target: selection <= 5% of the TTT time at K=200, k=50.
 """

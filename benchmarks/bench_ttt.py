@@ -112,7 +112,7 @@ def reference_loop(lm: TTTNNLM, text: str, neighbour_texts: list[str], saved_sta
         return total
 
     ll = score()
-    torch.manual_seed(lm.trainer.config.seed)
+    torch.manual_seed(lm.seed)  # the reference seeded once per document too (the model has no dropout)
     for neighbour in neighbour_texts:
         model.train()
         for chunk in chunk_tokens(lm.tokenizer(neighbour, add_special_tokens=False).input_ids,
