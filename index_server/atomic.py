@@ -1,9 +1,12 @@
 """Directories that appear whole or not at all, and never replace what they should not.
 
 ``atomic_output`` yields a scratch sibling directory that replaces the target only when the
-block succeeds. The scratch directory carries the owner's pid: SIGTERM removes it on the
-way out, and after a SIGKILL the next ``atomic_output`` on the same target finds and removes
-it. ``--overwrite`` only ever replaces a directory that ``is_ours`` recognises (an index this
+block succeeds, after everything in it is fsynced. The scratch directory carries its owner
+(host and pid): SIGTERM removes it on the way out, and after a SIGKILL or power loss the next
+``atomic_output`` on the same target, on the same host, finds and removes it (a scratch
+directory of another host is left alone: its pid means nothing here). If the process died
+between the two renames of the swap, the previous output is renamed back.
+``--overwrite`` only ever replaces a directory that ``is_ours`` recognises (an index this
 tool built: its manifest loads) and never one that holds an input of the job.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,33 +23,72 @@ from contextlib import contextmanager
 from pathlib import Path
 
 _SCRATCH_TAG = ".tmp-"
-_OWNER_FILE = ".owner-pid"
+_OWNER_FILE = ".owner"
+_OLD = "old-"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def owner_tag() -> str:
+    """``host-pid`` of this process: names the owner of scratch and temporary files."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def tag_is_stale(tag: str) -> bool:
+    """True when the owner named by ``tag`` (``host-pid`` or a bare pid) ran on this host and
+    no longer runs. Another host's owner is never judged stale: its pid means nothing here."""
+    host, _, pid = tag.strip().rpartition("-")
+    if not pid.isdigit() or (host and host != socket.gethostname()):
         return False
-    except PermissionError:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and new entries in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before it replaces anything)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
 
 
 def remove_stale_scratch(output: Path) -> list[Path]:
-    """Remove scratch siblings of ``output`` left by processes that no longer run."""
+    """Remove scratch siblings of ``output`` left by processes of this host that no longer
+    run; a previous output renamed away by a swap that died halfway is renamed back."""
     removed = []
     if not output.parent.is_dir():
         return removed
-    for candidate in output.parent.glob(f".{output.name}{_SCRATCH_TAG}*"):
+    for candidate in sorted(output.parent.glob(f".{output.name}{_SCRATCH_TAG}*")):
         owner = candidate / _OWNER_FILE
         try:
-            pid = int(owner.read_text())
-        except (OSError, ValueError):
-            continue  # not ours, or its owner is still writing the pid
-        if not _alive(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
+            tag = owner.read_text()
+        except OSError:
+            continue  # not ours, or its owner is still writing its tag
+        if not tag_is_stale(tag):
+            continue
+        if candidate.name.startswith(f".{output.name}{_SCRATCH_TAG}{_OLD}") and not output.exists():
+            owner.unlink()
+            candidate.rename(output)
+            fsync_dir(output.parent)
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
     return removed
 
 
@@ -116,19 +159,21 @@ def atomic_output(output: Path, overwrite: bool = False, is_ours: Callable[[Path
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}{_SCRATCH_TAG}", dir=output.parent))
-    (scratch / _OWNER_FILE).write_text(str(os.getpid()))
+    (scratch / _OWNER_FILE).write_text(owner_tag())
     try:
         with _sigterm_raises():
             yield scratch
-            (scratch / _OWNER_FILE).unlink()
             scratch.chmod(0o755)  # mkdtemp creates it private
+            fsync_tree(scratch)  # durable before it replaces anything
             with _signals_held():
                 old = None
                 if output.exists():
-                    old = output.with_name(f".{output.name}{_SCRATCH_TAG}old-{os.getpid()}")
-                    (output / _OWNER_FILE).write_text(str(os.getpid()))  # found and removed if we die now
+                    old = output.with_name(f".{output.name}{_SCRATCH_TAG}{_OLD}{owner_tag()}")
+                    (output / _OWNER_FILE).write_text(owner_tag())  # renamed back if we die now
                     output.rename(old)  # two renames: the target is never half deleted
                 scratch.rename(output)
+                fsync_dir(output.parent)
+            (output / _OWNER_FILE).unlink()
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:

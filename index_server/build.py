@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_output
 from .corpus import DOC_TABLE_DTYPE, CorpusFile, CorpusFormatError
-from .digest import file_fingerprint
+from .digest import HashingWriter, file_fingerprint
 from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
 from .encoder import EncoderConfig
 from .manifest import DOC_TABLE_NAME, FileInfo, Manifest, ShardInfo
@@ -223,23 +223,19 @@ class PartVectors:
 
 
 class _HashingWriter:
-    """A file writer that hashes what passes through (sha256 + the sampled fingerprint)."""
+    """A new file of the index, hashed while written; ``close`` gives its ``FileInfo``."""
 
     def __init__(self, path: Path):
         self.path, self.file = path, open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
+        self.hashing = HashingWriter(self.file)
 
     def __call__(self, data: bytes) -> int:
-        self.file.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
+        return self.hashing.write(data)
 
     def close(self) -> FileInfo:
         self.file.close()
         # the fingerprint reads only the sampled 3 MiB back (page cache), not the file
-        return FileInfo(self.path.name, self.size, self.sha.hexdigest(), file_fingerprint(self.path))
+        return FileInfo(self.path.name, self.hashing.size, self.hashing.sha.hexdigest(), file_fingerprint(self.path))
 
 
 def _write_faiss(index: faiss.Index, path: Path) -> FileInfo:
@@ -433,8 +429,10 @@ def build_index(config: BuildConfig) -> Manifest:
     """``build CORPUS...`` (embed, then build) or ``build --embeddings EMB``."""
     from .embed import EmbedConfig, run_embed
 
-    if bool(config.corpus) == bool(config.embeddings):
+    if config.corpus and config.embeddings:
         raise ValueError("give either corpus files or --embeddings, not both")
+    if not config.corpus and not config.embeddings:
+        raise ValueError("nothing to index: give corpus files or --embeddings DIR")
     inputs = [*config.corpus, *([config.embeddings] if config.embeddings else [])]
     with atomic_output(Path(config.output), config.overwrite, is_ours=is_index, inputs=inputs) as scratch:
         directory = config.embeddings

@@ -68,8 +68,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
     if args.max_memory:
         from .plan import choose_layout
 
-        if args.factory is not None:
-            raise ValueError("--max-memory chooses the factory: give one or the other")
+        if args.factory is not None or args.on_disk or args.refine:
+            raise ValueError("--max-memory chooses the factory, --on-disk and --refine: give it or them, not both")
         chosen = choose_layout(args.max_memory, args.embeddings, tuple(args.corpus), _encoder(args))
         print(f"--max-memory {args.max_memory}: chose {chosen.describe()}")
         args.factory, args.on_disk, args.refine = chosen.factory, chosen.on_disk, chosen.refine

@@ -7,8 +7,9 @@ identity is checked and the live servers' shard ranges must tile the index. Quer
 all servers in parallel with a deadline. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
 are retried with backoff; a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) is not.
 
-Search settings (nprobe, efSearch, refine factor) travel with every request; the ones this
-client leaves unset are the servers' (``knobs`` says which apply). Failure policy ``fail``
+Search settings (nprobe, efSearch, refine factor) are resolved at connect time (this client's,
+else the servers' defaults) and travel with every request, so ``knobs`` is what every answer
+used. Batches are split to fit the servers' batch and message limits. Failure policy ``fail``
 raises, naming the server. ``degrade`` answers from the live
 servers and reports the missing shards with every result (searches and text fetches
 alike); it starts even while some servers are down, and a server that just failed is
@@ -29,8 +30,8 @@ from ._proto import knn_pb2, knn_pb2_grpc
 from .manifest import Manifest, ManifestMismatchError
 from .options import IndexOptions
 from .search import SearchKnobs, SearchResult, check_queries, knobs_of, merge_topk
-from .server import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
-from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
+from .server import TOKEN_METADATA_KEY
+from .wire import DEFAULT_MAX_MESSAGE_BYTES, ID_DTYPE, MESSAGE_OVERHEAD, VECTOR_DTYPE, pack, search_answer_bytes, unpack
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 DEAD_COOLDOWN_S = 5.0
@@ -133,6 +134,8 @@ class GrpcIndex:
             self._check_server(server)
         self._check_coverage()
         info = live[0].info  # what the servers apply where this client leaves a setting unset
+        # Resolved once and sent with every search, so servers started with different
+        # defaults still search alike and ``knobs`` is what every answer used.
         self.knobs = knobs_of(self.options).over(
             SearchKnobs(info.nprobe or None, info.ef_search or None, info.refine_factor or None))
 
@@ -238,12 +241,31 @@ class GrpcIndex:
         return answers, errors
 
     # -- the index surface ----------------------------------------------------------------
+    def _limits(self) -> tuple[int, int, int]:
+        """(max k, queries per request, message bytes) that every known server accepts."""
+        infos = [server.info for server in self.servers if server.info is not None]
+        max_k = min([self.options.max_k] + [i.max_k for i in infos])
+        max_batch = min((i.max_batch for i in infos), default=1 << 30)
+        message = min([DEFAULT_MAX_MESSAGE_BYTES] + [i.max_message_bytes for i in infos if i.max_message_bytes])
+        return max_k, max_batch, message - MESSAGE_OVERHEAD
+
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        queries = check_queries(queries, k, self.manifest.dim, self.options.max_k)
+        """Global top-k, in requests small enough for every server (batch and message limits)."""
+        max_k, max_batch, payload = self._limits()
+        queries = check_queries(queries, k, self.manifest.dim, max_k)
+        per_request = max(1, min(max_batch, payload // search_answer_bytes(1, k),
+                                 payload // (self.manifest.dim * VECTOR_DTYPE.itemsize)))
+        results = [self._search(queries[start : start + per_request], k)
+                   for start in range(0, len(queries), per_request)]
+        return SearchResult(ids=np.concatenate([r.ids for r in results]),
+                            distances=np.concatenate([r.distances for r in results]),
+                            missing_shards=[m for r in results for m in r.missing_shards])
+
+    def _search(self, queries: np.ndarray, k: int) -> SearchResult:
+        knobs = self.knobs
         request = knn_pb2.SearchRequest(
             k=k, dim=queries.shape[1], vectors=pack(queries, VECTOR_DTYPE), index_identity=self.manifest.identity,
-            nprobe=self.options.nprobe or 0, ef_search=self.options.ef_search or 0,
-            refine_factor=self.options.refine_factor or 0,
+            nprobe=knobs.nprobe or 0, ef_search=knobs.ef_search or 0, refine_factor=knobs.refine_factor or 0,
         )
         answers, errors = self._fan_out("Search", {i: request for i in range(len(self.servers))})
         parts = [(unpack(a.distances, VECTOR_DTYPE, a.k), unpack(a.ids, ID_DTYPE, a.k)) for a in answers.values()]

@@ -15,6 +15,23 @@ SAMPLE = 1 << 20  # bytes hashed at the head, middle and tail of a file
 _BLOCK = 1 << 22
 
 
+class HashingWriter:
+    """Writes to an open binary file while hashing what passes through (sha256, byte count),
+    so a file just written is never read back to be checksummed. Callable as well, for
+    ``faiss.PyCallbackIOWriter``."""
+
+    def __init__(self, file):
+        self.file, self.sha, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    __call__ = write
+
+
 def _regions(size: int) -> list[tuple[int, int]]:
     """Sampled byte ranges [start, end): head, middle, tail (merged when they overlap)."""
     if size <= 3 * SAMPLE:

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import DOC_TABLE_DTYPE, CorpusFormatError, check_line, corpus_root_of, refuse_compressed
-from .digest import file_fingerprint
+from .atomic import fsync_dir, owner_tag, tag_is_stale
+from .digest import HashingWriter, file_fingerprint
 from .encoder import EncoderConfig
 
 EMBEDDINGS_NAME = "embeddings.json"
@@ -81,8 +82,11 @@ class EmbeddingsLayout:
         path = Path(directory) / EMBEDDINGS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not an embeddings directory (run `ttt-index embed` first)")
-        raw = json.loads(path.read_text())
-        return cls(**{**raw, "files": [SourceFile(**f) for f in raw["files"]]})
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{**raw, "files": [SourceFile(**f) for f in raw["files"]]})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid embeddings layout ({e}); re-run `ttt-index embed`") from e
 
 
 def part_bounds(total_bytes: int, num_parts: int) -> list[int]:
@@ -239,42 +243,29 @@ _TMP = ".tmp-"
 
 
 def _write_atomic(path: Path, write) -> str:
-    """Write through a temporary sibling (named with this pid), fsync, rename into place.
-    Returns the sha256 of what was written."""
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
-    digest = hashlib.sha256()
-
-    class _Hashing:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            digest.update(data)
-            return self.f.write(data)
-
+    """Write through a temporary sibling (named with this host and pid), fsync, rename into
+    place. Returns the sha256 of what was written."""
+    tmp = path.with_name(f".{path.name}{_TMP}{owner_tag()}")
     try:
         with open(tmp, "wb") as f:
-            write(_Hashing(f))
+            hashing = HashingWriter(f)
+            write(hashing)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return digest.hexdigest()
+    return hashing.sha.hexdigest()
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Temporaries of jobs that were killed (their pid no longer runs)."""
+    """Temporaries of jobs on this host that were killed (their pid no longer runs); jobs on
+    other hosts sharing ``out`` keep theirs."""
     for tmp in out.glob(f".*{_TMP}*"):
-        pid = tmp.name.rsplit(_TMP, 1)[1]
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                tmp.unlink(missing_ok=True)
-            except PermissionError:
-                pass
+        if tag_is_stale(tmp.name.rsplit(_TMP, 1)[1]):
+            tmp.unlink(missing_ok=True)
 
 
 def write_part(out: Path, part: ScannedPart, vectors: np.ndarray) -> None:
@@ -311,10 +302,14 @@ def write_layout(out: Path, layout: EmbeddingsLayout) -> None:
     file exists) and check that ours agrees with it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / EMBEDDINGS_NAME
-    tmp = out / f".{EMBEDDINGS_NAME}{_TMP}{os.getpid()}"
-    tmp.write_text(layout.to_json() + "\n")
+    tmp = out / f".{EMBEDDINGS_NAME}{_TMP}{owner_tag()}"
+    with open(tmp, "w") as f:
+        f.write(layout.to_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     try:
         os.link(tmp, path)
+        fsync_dir(out)
     except FileExistsError:
         pass
     finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .corpus import CorpusChangedError, CorpusFile
 from .digest import file_digests, file_fingerprint, file_sha256
@@ -115,6 +115,8 @@ class Manifest:
     def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
             if raw.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {raw.get('format_version')} != {FORMAT_VERSION} (rebuild the index "
                                  f"with this version of ttt-index)")
@@ -131,11 +133,30 @@ class Manifest:
                 shards=[ShardInfo(**{**s, "file": info(s["file"]), "ivfdata": info(s.get("ivfdata"))})
                         for s in raw["shards"]],
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestMismatchError(f"{source}: not a valid ttt-nn index manifest: {e}") from e
+        manifest._check_paths_confined(source)
         if recorded and recorded != manifest.identity:
             raise ManifestMismatchError(f"{source}: identity field does not match its contents")
         return manifest
+
+    def _check_paths_confined(self, source: str) -> None:
+        """Refuse a manifest that names files outside its own directories.
+
+        Index files are bare names inside the index directory and corpus paths are relative to the
+        corpus root without ``..``: a hand-edited or hostile manifest must not make ``verify`` or a
+        server open ``/etc/passwd`` or another index's shard."""
+        index_files = [self.doc_table] + ([self.vectors] if self.vectors else [])
+        index_files += [f for shard in self.shards for f in shard.files()]
+        for info in index_files:
+            if not info.file or info.file != PurePosixPath(info.file).name or info.file in (".", ".."):
+                raise ManifestMismatchError(f"{source}: index file {info.file!r} is not a plain file name inside "
+                                            f"the index directory")
+        for corpus_file in self.corpus:
+            path = PurePosixPath(corpus_file.path)
+            if not corpus_file.path or path.is_absolute() or ".." in path.parts or "\\" in corpus_file.path:
+                raise ManifestMismatchError(f"{source}: corpus path {corpus_file.path!r} is not relative to the "
+                                            f"corpus root (absolute or with '..')")
 
     @classmethod
     def load(cls, index_dir: Path | str) -> Manifest:

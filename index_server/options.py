@@ -30,13 +30,20 @@ class IndexOptions:
     # Search settings; None: the server's (gRPC), else the index's own (search.index_defaults)
     nprobe: int | None = None  # IVF lists visited per query
     ef_search: int | None = None  # HNSW candidate list size
-    refine_factor: int | None = None  # --refine indexes: candidates per neighbour re-ranked exactly
+    refine_factor: int | None = None  # --refine indexes: candidates per neighbour re-ranked exactly (>= 1)
     max_k: int = MAX_K  # largest k the in-process index accepts
     corpus_root: Path | None = None  # where the corpus lives on this machine, if moved since the build
 
     def __post_init__(self):
         if self.failure_policy not in ("fail", "degrade"):
             raise ValueError(f"failure_policy must be 'fail' or 'degrade', got {self.failure_policy!r}")
+        for name in ("nprobe", "ef_search", "refine_factor", "max_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError(f"timeout_s must be positive and retries, backoff_s not negative; got "
+                             f"{self.timeout_s}, {self.retries}, {self.backoff_s}")
 
     def token(self) -> str | None:
         """The bearer token from ``token_file`` or the environment; an empty one is an error."""

@@ -212,14 +212,20 @@ def open_stored_vectors(index_dir: Path | str, manifest: Manifest) -> np.ndarray
     return np.load(Path(index_dir) / manifest.vectors.file, mmap_mode="r") if manifest.vectors else None
 
 
+def owned_mask(searchers: Sequence[ShardSearcher], ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` fall in the ranges of the shards held here."""
+    owned = np.zeros(len(ids), dtype=bool)
+    for searcher in searchers:
+        owned |= (ids >= searcher.shard.start) & (ids < searcher.shard.end)
+    return owned
+
+
 def vectors_from(searchers: Sequence[ShardSearcher], stored: np.ndarray | None, ids: Sequence[int]
                  ) -> tuple[np.ndarray | None, str]:
     """Vectors of ``ids`` from stored float16 copies or exact shard storage; (None, "none")
     when the index keeps only lossy codes (the caller re-embeds the texts)."""
     ids = np.asarray(ids, dtype=np.int64)
-    owned = np.zeros(len(ids), dtype=bool)
-    for searcher in searchers:
-        owned |= (ids >= searcher.shard.start) & (ids < searcher.shard.end)
+    owned = owned_mask(searchers, ids)
     if not owned.all():
         raise IndexError(f"vector ids not in this index (or this server): {ids[~owned][:10].tolist()}")
     if stored is not None:

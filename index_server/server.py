@@ -31,14 +31,12 @@ from .corpus import CorpusChangedError
 from .manifest import Manifest
 from .options import MAX_K, IndexOptions
 from .search import (QueryError, SearchKnobs, ShardSearcher, check_queries, index_defaults, knobs_of, merge_topk,
-                     open_corpus, open_stored_vectors, vectors_from)
-from .wire import ID_DTYPE, VECTOR_DTYPE, pack, unpack
+                     open_corpus, open_stored_vectors, owned_mask, vectors_from)
+from .wire import (DEFAULT_MAX_MESSAGE_BYTES, ID_DTYPE, MESSAGE_OVERHEAD, VECTOR_DTYPE, pack, search_answer_bytes,
+                   unpack)
 
 SERVICE_NAME = "tttnn.knn.v1.KnnShard"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 TOKEN_METADATA_KEY = "authorization"
-# Room left in a message for protobuf framing around the texts or vectors themselves.
-_MESSAGE_OVERHEAD = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -66,6 +64,11 @@ class ServerConfig:
                              f"read the corpus. Pass --token-file, or --insecure if the network is trusted")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for name in ("max_k", "max_batch", "max_ids", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_message_bytes <= MESSAGE_OVERHEAD:
+            raise ValueError(f"max_message_bytes must exceed {MESSAGE_OVERHEAD}, got {self.max_message_bytes}")
 
 
 def is_loopback(host: str) -> bool:
@@ -104,18 +107,17 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
         if len(ids) > self.config.max_ids:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"too many ids ({len(ids)}) in one request; "
                                                             f"at most {self.config.max_ids}")
-        owned = np.zeros(len(ids), dtype=bool)
-        for s in self.searchers:
-            owned |= (ids >= s.shard.start) & (ids < s.shard.end)
+        owned = owned_mask(self.searchers, ids)
         if not owned.all():
             context.abort(grpc.StatusCode.NOT_FOUND, f"ids not held by this server: {ids[~owned][:10].tolist()}")
         return ids
 
-    def _check_answer_size(self, size: int, what: str, context: grpc.ServicerContext) -> None:
-        limit = self.config.max_message_bytes - _MESSAGE_OVERHEAD
+    def _check_answer_size(self, size: int, what: str, context: grpc.ServicerContext,
+                           fewer: str = "ids") -> None:
+        limit = self.config.max_message_bytes - MESSAGE_OVERHEAD
         if size > limit:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} would take {size} bytes, over the {limit}-byte "
-                                                              f"answer limit; ask for fewer ids per request")
+                                                              f"answer limit; ask for fewer {fewer} per request")
 
     def Search(self, request, context):
         self._check_identity(request.index_identity, context)
@@ -126,6 +128,8 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
                                     self.manifest.dim, self.config.max_k, self.config.max_batch)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e}")
+        self._check_answer_size(search_answer_bytes(len(queries), request.k), "the search answer", context,
+                                fewer="queries")
         knobs = SearchKnobs(request.nprobe or None, request.ef_search or None, request.refine_factor or None)
         knobs = knobs.over(self.defaults)
         distances, ids = merge_topk([s.search(queries, request.k, knobs) for s in self.searchers], request.k,
@@ -164,6 +168,7 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
             nprobe=self.defaults.nprobe or 0,
             ef_search=self.defaults.ef_search or 0,
             refine_factor=self.defaults.refine_factor or 0,
+            max_message_bytes=self.config.max_message_bytes,
         )
 
 

@@ -9,6 +9,14 @@ import numpy as np
 
 VECTOR_DTYPE = np.dtype("<f4")
 ID_DTYPE = np.dtype("<i8")
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+# Room left in a message for protobuf framing around the texts, vectors or ids themselves.
+MESSAGE_OVERHEAD = 64 << 10
+
+
+def search_answer_bytes(n: int, k: int) -> int:
+    """Payload of a Search answer: n * k distances and ids."""
+    return n * k * (VECTOR_DTYPE.itemsize + ID_DTYPE.itemsize)
 
 
 def pack(array: np.ndarray, dtype: np.dtype) -> bytes:

@@ -15,7 +15,7 @@ from index_server._proto import knn_pb2, knn_pb2_grpc
 from index_server.client import GrpcIndex, ShardUnavailableError, parse_addresses
 from index_server.manifest import Manifest, ManifestMismatchError
 from index_server.options import IndexOptions, open_index
-from index_server.search import LocalIndex
+from index_server.search import LocalIndex, QueryError
 from index_server.server import ServerConfig, start_server
 
 
@@ -119,8 +119,11 @@ def test_refusals_are_not_retried(sharded, queries):
     client._call = lambda *a, **k: calls.append(a[1]) or original(*a, **k)
     start_time = time.perf_counter()
     try:
+        with pytest.raises(QueryError, match=r"k must be in \[1, 10\]"):
+            client.search(queries[:1], 11)  # the client knows the server's limit: refused before any call
+        assert calls == []
         with pytest.raises(ShardUnavailableError, match="INVALID_ARGUMENT"):
-            client.search(queries[:1], 11)
+            client._search(queries[:1], 11)  # the server refuses it too, once
         assert calls == [] and time.perf_counter() - start_time < 0.5  # no retry, no backoff
     finally:
         server.stop(0)
@@ -364,3 +367,45 @@ def test_search_settings_travel_with_each_request(small_corpus, tmp_path):
         assert GrpcIndex((address,)).knobs.nprobe == 1  # unset: the server says what it applies
     finally:
         server.stop(0)
+
+
+def test_client_splits_searches_to_fit_every_servers_limits(sharded, queries):
+    """A client used to send one Search with every query: a server with a small max_batch or
+    message limit refused it. It now splits by the smallest limit any server reports."""
+    from index_server.wire import MESSAGE_OVERHEAD
+
+    local = LocalIndex(sharded)
+    k = 100  # 1200 answer bytes per query
+    for limits in ({"max_batch": 3}, {"max_message_bytes": MESSAGE_OVERHEAD + 5000}):
+        servers = [start(sharded, (0, 1), **limits), start(sharded, (2, 3))]
+        client = open_index(spec(*(a for _, a in servers)))
+        try:
+            got, want = client.search(queries, k), local.search(queries, k)
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_array_equal(got.distances, want.distances)
+        finally:
+            client.close()
+            for server, _ in servers:
+                server.stop(0)
+
+
+def test_search_answer_over_the_message_limit_is_refused_before_searching(sharded, queries):
+    from index_server.wire import MESSAGE_OVERHEAD
+
+    server, address = start(sharded, max_message_bytes=MESSAGE_OVERHEAD + 5000)
+    stub = knn_pb2_grpc.KnnShardStub(grpc.insecure_channel(address))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Search(knn_pb2.SearchRequest(k=500, dim=queries.shape[1], vectors=queries[:1].tobytes()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ask for fewer queries" in err.value.details()
+        info = stub.Info(knn_pb2.InfoRequest(), timeout=10)
+        assert info.max_message_bytes == MESSAGE_OVERHEAD + 5000
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("bad", [{"max_batch": 0}, {"max_k": 0}, {"workers": 0}, {"max_message_bytes": 1000}])
+def test_server_limits_below_one_are_refused(sharded, bad):
+    with pytest.raises(ValueError, match="must"):
+        ServerConfig(index=sharded, **bad)

@@ -255,3 +255,71 @@ def test_a_corpus_rewritten_in_place_with_the_same_size_is_refused_by_the_server
         assert f"{corpus}: corpus file changed while the index was being served" in err.value.details()
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["shards"][0]["file"].update(file="../other-index/shard-0.faiss"),
+    lambda m: m["doc_table"].update(file="/etc/passwd"),
+    lambda m: m["corpus"][0].update(path="../../etc/passwd"),
+    lambda m: m["corpus"][0].update(path="/etc/passwd"),
+])
+def test_a_manifest_naming_files_outside_its_directories_is_refused(small_index, tmp_path, edit):
+    raw = json.loads((small_index / "manifest.json").read_text())
+    edit(raw)
+    with pytest.raises(ManifestMismatchError, match="not a plain file name|not relative to the corpus root"):
+        Manifest.from_json(json.dumps(raw))
+    with pytest.raises(ManifestMismatchError, match="expected a JSON object"):
+        Manifest.from_json("[1, 2]")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_swap_that_died_halfway_is_undone_and_other_hosts_scratch_is_kept(small_index, tmp_path):
+    """Killed between the swap's two renames, the old output sits renamed away: the next run on
+    this host renames it back. Scratch of another host (shared filesystem) is never touched."""
+    import socket
+
+    from index_server.atomic import atomic_output, remove_stale_scratch
+
+    out = tmp_path / "idx"
+    old = tmp_path / f".idx.tmp-old-{socket.gethostname()}-{_dead_pid()}"
+    shutil.copytree(small_index, old)
+    (old / ".owner").write_text(old.name.split("old-", 1)[1])
+    foreign = tmp_path / ".idx.tmp-abc123"
+    foreign.mkdir()
+    (foreign / ".owner").write_text(f"some-other-host-{os.getpid()}")
+    dead = tmp_path / ".idx.tmp-def456"
+    dead.mkdir()
+    (dead / ".owner").write_text(f"{socket.gethostname()}-{_dead_pid()}")
+    assert remove_stale_scratch(out) == [dead]
+    assert Manifest.load(out).identity == Manifest.load(small_index).identity and not old.exists()
+    assert not (out / ".owner").exists() and foreign.is_dir()
+    with atomic_output(tmp_path / "fresh") as scratch:
+        (scratch / "a").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["a"]  # no owner file left behind
+
+
+@pytest.mark.parametrize("bad", [{"refine_factor": 0}, {"nprobe": 0}, {"ef_search": -1}, {"max_k": 0},
+                                 {"timeout_s": 0}, {"retries": -1}])
+def test_search_settings_below_their_range_are_refused(bad):
+    with pytest.raises(ValueError):
+        IndexOptions(**bad)
+
+
+def test_build_names_what_is_missing_or_doubled(small_corpus, tmp_path):
+    proc = run("ttt-index", "build", "--out", str(tmp_path / "a"), check=False)
+    assert proc.returncode == 2 and "nothing to index" in proc.stderr, proc.stderr
+    proc = run("ttt-index", "build", str(small_corpus), "--max-memory", "1G", "--refine", "--out",
+               str(tmp_path / "b"), check=False)
+    assert proc.returncode == 2 and "--max-memory chooses" in proc.stderr, proc.stderr
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "embeddings.json").write_text("{not json")
+    proc = run("ttt-index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "c"), check=False)
+    assert proc.returncode == 2 and "not a valid embeddings layout" in proc.stderr and "Traceback" not in proc.stderr

@@ -83,7 +83,7 @@ class ShardRange(_message.Message):
     def __init__(self, index: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("index_identity", "manifest_json", "shards", "n_vectors", "dim", "max_k", "max_batch", "nprobe", "ef_search", "refine_factor")
+    __slots__ = ("index_identity", "manifest_json", "shards", "n_vectors", "dim", "max_k", "max_batch", "nprobe", "ef_search", "refine_factor", "max_message_bytes")
     INDEX_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class InfoResponse(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     REFINE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     index_identity: str
     manifest_json: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardRange]
@@ -104,4 +105,5 @@ class InfoResponse(_message.Message):
     nprobe: int
     ef_search: int
     refine_factor: int
-    def __init__(self, index_identity: _Optional[str] = ..., manifest_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., refine_factor: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, index_identity: _Optional[str] = ..., manifest_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., n_vectors: _Optional[int] = ..., dim: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., refine_factor: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
