@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
 from .documents import REQUEST_TYPES, Document, group_documents, scatter
+from .metrics import utf8_bytes
 from .retriever import Neighbours, Retriever
 from .runlog import RunLog, global_rank, is_degraded, read_log
 from .settings import (ALIASES, ModelArgumentError, NeighbourSettings, RunSettings, hf_scoring_values,
@@ -141,9 +142,9 @@ class NeighbourLM(HFLM):
             "tokenizer": [getattr(self.tokenizer, "name_or_path", None), len(self.tokenizer)],
             "hf": hf_scoring_values(self._hf_kwargs),
             "max_length": self.max_length,
-            "seed": self.seed,
             "index": self.retriever.signature if self.retriever is not None else None,
             **{k: v for g in self.settings_groups for k, v in scoring_values(g).items()},
+            "seed": self.seed,  # after the groups: RunSettings.seed is None when the harness's --seed applies
         }
 
     def _identity_json(self) -> str:
@@ -329,11 +330,16 @@ class NeighbourLM(HFLM):
                       disable=disable_tqdm or self.rank != 0 or not todo) as bar:
                 for batch in self.document_batches(todo):
                     found = [self._neighbours(d) for d in batch]
-                    with self.document_rng(batch):
-                        records = self.score_documents(batch, [n for n, _ in found])
+                    try:
+                        with self.document_rng(batch):
+                            records = self.score_documents(batch, [n for n, _ in found])
+                    except Exception as e:
+                        e.add_note(f"while scoring {request_type} documents "
+                                   f"{', '.join(f'{d.task} doc_id={d.doc_id}' for d in batch)}")
+                        raise
                     for document, (neighbours, seconds), record in zip(batch, found, records):
                         record = {"doc_key": document.key, "request_type": request_type, "task": document.task,
-                                  "doc_id": document.doc_id, "bytes": len(document.text.encode("utf-8")),
+                                  "doc_id": document.doc_id, "bytes": utf8_bytes([document.text]),
                                   **neighbours.record(), "retrieve_s": seconds, **record}
                         run_log.append(record)
                         finished[document.key] = record

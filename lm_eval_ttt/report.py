@@ -115,14 +115,22 @@ def curve_points(run: Run) -> list[tuple[int, float, float]]:
     if not docs:
         return []
     total_bytes = sum(r["bytes"] for r in docs)
-    ks = sorted({int(k) for r in docs for k in r["results_at_k"]})
+    # The scoring points are the keys of a document that reached the most neighbours; a document
+    # with fewer (few candidates, adaptive stop) is keyed by what it reached and must not add
+    # points of its own, where every other document would count its final score.
+    richest = max(docs, key=lambda r: max(map(int, r["results_at_k"])))
+    ks = sorted(int(k) for k in richest["results_at_k"])
     points = []
     for k in ks:
-        # a document with fewer neighbours than k contributes its largest k
-        lls = [r["results_at_k"].get(str(k), r["results"])[0] for r in docs]
+        # a document's weights at k are those after the neighbours it had up to k
+        lls = [_score_at(r["results_at_k"], k)[0] for r in docs]
         steps = sum(len(losses) for r in docs for losses in r.get("chunk_losses", [])[:k]) / len(docs)
         points.append((k, steps, bits_per_byte(lls, total_bytes)))
     return points
+
+
+def _score_at(results_at_k: dict[str, list], k: int) -> list:
+    return results_at_k[str(max(int(key) for key in results_at_k if int(key) <= k))]
 
 
 def steps_table(runs: list[Run]) -> str:

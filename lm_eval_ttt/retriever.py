@@ -137,6 +137,10 @@ class Retriever:
         self.signature = {"identity": self.manifest.identity, "nprobe": knobs.nprobe if ivf else None,
                           "ef_search": knobs.ef_search if hnsw else None,
                           "refine_factor": knobs.refine_factor if self.manifest.vectors else None}
+        # Flat and IVF answer a smaller k with a prefix of a larger k's answer, so one retrieval
+        # serves every k below it. HNSW (efSearch at least k) and exact re-ranking (k x
+        # refine_factor candidates) search differently per k: their retrievals are kept per k.
+        self._prefix_safe = not hnsw and not self.signature["refine_factor"]
         self.cache = None
         if cache_dir is not None:
             suffix = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:8]
@@ -158,13 +162,18 @@ class Retriever:
         return k + margin + excluded
 
     # -- candidates -----------------------------------------------------------------------
+    def _slot(self, key: str, k: int) -> str:
+        return key if self._prefix_safe else f"{key}@{k}"
+
     def _lookup(self, key: str, k: int) -> Candidates | None:
+        key = self._slot(key, k)
         found = self._queries.get(key)
         if found is not None and len(found.ids) >= min(k, self.manifest.n_vectors):
             return found
         return self.cache.get(key, k) if self.cache else None
 
     def _store(self, key: str, k: int, found: Candidates) -> None:
+        key = self._slot(key, k)
         self._queries[key] = found
         if self.cache and not found.missing_shards:  # never cache a degraded answer
             self.cache.put(key, k, found)

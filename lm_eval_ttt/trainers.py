@@ -31,6 +31,24 @@ def check_train_settings(t: TrainSettings, hf_kwargs: dict) -> None:
         raise ModelArgumentError("doc_batch > 1 needs adapter=lora (each document trains its own adapter)")
     if t.doc_batch > 1 and (t.precision != "fp32" or t.compile):
         raise ModelArgumentError("doc_batch > 1 trains in fp32 without torch.compile: drop precision= / compile=")
+    if t.doc_batch > 1 and t.lora_dropout > 0:
+        raise ModelArgumentError(_BATCH_DROPOUT.format(what=f"lora_dropout={t.lora_dropout}"))
+
+
+# A batch draws its dropout masks per batch: a document's score would depend on which
+# documents shared its batch (and so on resumes and rank counts). doc_batch=1 has no such issue.
+_BATCH_DROPOUT = ("doc_batch > 1 needs dropout off ({what}): a batch draws dropout masks for all its documents "
+                  "at once, so each score would depend on which documents share the batch; use doc_batch=1")
+
+
+def model_dropout(model: torch.nn.Module) -> float:
+    """The largest dropout rate the model applies in training (modules and config rates)."""
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    config = getattr(model, "config", None)
+    if config is not None:
+        rates += [v for k, v in vars(config).items()
+                  if (k.endswith("dropout") or k.endswith("pdrop")) and isinstance(v, float)]
+    return max(rates, default=0.0)
 
 
 def _train_loaded_adapter(model: torch.nn.Module) -> None:
@@ -62,6 +80,8 @@ def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_o
     if t.adapter == "lora":
         adapted = add_lora(lm.model, t, lm.seed)
         if t.doc_batch > 1:
+            if model_dropout(lm.model) > 0:
+                raise ModelArgumentError(_BATCH_DROPOUT.format(what=f"the model's dropout is {model_dropout(lm.model)}"))
             adapters = BatchedLoRA(adapted, t.doc_batch)
             lm._model = adapters.model
             return BatchedLoRATrainer(adapters, config, pad_id=lm.tokenizer.pad_token_id or 0)

@@ -65,3 +65,16 @@ def test_in_context_keeps_the_document_whole_and_the_nearest_neighbour_adjacent(
     assert all(len(ctx) + len(cont) <= model.max_length + 1 for ctx, cont in windows)
     assert all(ctx[:24] == context for ctx, _ in windows)
     assert windows[0][0][24:] == [model.prefix_token_id]  # the document starts right after the nearest neighbour
+
+
+def test_dyneval_trains_between_windows_only(tiny_lm, small_index, test_docs, tmp_path):
+    """Training after the last window could change no score: it is neither spent nor counted."""
+    model = make_lm(baselines.DynamicEvalLM, tmp_path, tiny_lm, small_index, iterations=2, lr=1e-3)
+    calls = []
+    train = model.trainer.train
+    model.trainer.train = lambda chunks: calls.append(len(chunks)) or train(chunks)
+    doc = max(test_docs, key=len)
+    windows = model.windows(doc)
+    assert len(windows) > 1
+    model.loglikelihood_rolling(requests([doc]), disable_tqdm=True)
+    assert calls == [2] * (len(windows) - 1)

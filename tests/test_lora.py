@@ -113,6 +113,23 @@ def test_bad_adapter_settings_are_clear_errors(tiny_lm, small_index, tmp_path):
         lora(tmp_path, tiny_lm, small_index, peft="some-adapter")
 
 
+def test_doc_batch_refuses_dropout(tiny_lm, small_index, tmp_path):
+    """A batch draws dropout masks for all its documents at once: a score would depend on
+    which documents share the batch, so resumes and rank counts would change the numbers."""
+    import json
+    import shutil
+
+    with pytest.raises(ModelArgumentError, match=r"doc_batch > 1 needs dropout off \(lora_dropout=0.1\)"):
+        lora(tmp_path, tiny_lm, small_index, doc_batch=4, lora_dropout=0.1)
+    dropping = tmp_path / "dropping"
+    shutil.copytree(tiny_lm, dropping)
+    config = json.loads((dropping / "config.json").read_text())
+    (dropping / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    with pytest.raises(ModelArgumentError, match="the model's dropout is 0.1"):
+        lora(tmp_path, dropping, small_index, doc_batch=4)
+    lora(tmp_path, dropping, small_index, doc_batch=1)  # one document at a time is fine
+
+
 def test_adapter_settings_change_the_identity(tiny_lm, small_index, tmp_path):
     base = lora(tmp_path, tiny_lm, small_index)
     assert lora(tmp_path, tiny_lm, small_index).log_stem == base.log_stem

@@ -56,3 +56,24 @@ def test_report_table_equals_inputs_and_plots_are_real_images(results, tmp_path)
         assert width >= 400 and height >= 300
         assert len(data) > 10_000  # axes, bars, lines and labels: not a blank canvas
     assert markdown_table(runs) in table
+
+
+def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
+    """Keys of results_at_k are the neighbours a document reached: one that stopped at 3 must
+    count its k=3 score at k=5 and 10, and not create a point k=3 where the others count their
+    final scores."""
+    from lm_eval_ttt.report import Run
+
+    def doc(scores, n):
+        return {"request_type": "loglikelihood_rolling", "bytes": 100, "results": [scores[-1][1]],
+                "results_at_k": {str(k): [ll] for k, ll in scores}, "chunk_losses": [[1.0]] * n}
+
+    full = doc([(0, -80.0), (5, -60.0), (10, -50.0)], 10)
+    stopped = doc([(0, -80.0), (3, -70.0)], 3)
+    run_ = Run(tmp_path, "t", "ttt-nn", "ttt-nn", {}, 2, 0.0, records=[full, stopped])
+    points = curve_points(run_)
+    assert [k for k, _, _ in points] == [0, 5, 10]
+    from lm_eval_ttt.metrics import bits_per_byte
+
+    assert points[1][2] == pytest.approx(bits_per_byte([-60.0, -70.0], 200))
+    assert points[1][1] == (5 + 3) / 2  # steps: each document's own

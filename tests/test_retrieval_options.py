@@ -38,6 +38,23 @@ def test_cache_serves_smaller_k_without_searching(small_index, indexed_doc, tmp_
     assert list(tmp_path.glob(f"{reopened.manifest.identity}-*.jsonl"))  # keyed by index identity
 
 
+def test_hnsw_retrievals_are_kept_per_k(small_corpus, indexed_doc, tmp_path):
+    """HNSW searches with efSearch >= k, so a k=5 answer need not be a prefix of a k=8 answer:
+    the cache must not serve one for the other (it does for Flat, above)."""
+    from conftest import build_small
+
+    hnsw = build_small(small_corpus, tmp_path / "hnsw", factory="HNSW8")
+    retriever(hnsw, tmp_path / "cache").neighbours(indexed_doc, 8)
+    reopened = retriever(hnsw, tmp_path / "cache")
+    calls = []
+    search = reopened.index.search
+    reopened.index.search = lambda *a: calls.append(a) or search(*a)
+    assert not reopened.neighbours(indexed_doc, 5).cached and len(calls) == 1
+    reopened.neighbours(indexed_doc, 5)
+    assert len(calls) == 1  # the same k is served
+    assert retriever(hnsw, tmp_path / "cache").neighbours(indexed_doc, 5).cached
+
+
 def test_exclude_duplicates_drops_the_query_itself(small_index, indexed_doc):
     with_self = retriever(small_index).neighbours(indexed_doc, 5)
     without_self = retriever(small_index, exclude_duplicates=True).neighbours(indexed_doc, 5)
