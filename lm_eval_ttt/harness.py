@@ -340,6 +340,9 @@ class NeighbourLM(HFLM):
                     for document, (neighbours, seconds), record in zip(batch, found, records):
                         record = {"doc_key": document.key, "request_type": request_type, "task": document.task,
                                   "doc_id": document.doc_id, "bytes": utf8_bytes([document.text]),
+                                  # the harness scores a repeated request (same text) once per copy
+                                  **({"copies": len(document.positions[0])} if len(document.positions[0]) > 1
+                                     else {}),
                                   **neighbours.record(), "retrieve_s": seconds, **record}
                         run_log.append(record)
                         finished[document.key] = record

@@ -32,7 +32,7 @@ from .ttt import TTTConfig, chunk_tokens
 
 # Chosen by `ttt-nn tune` on 8 validation documents of the bundled index (SmolLM2-135M, k=5,
 # 256-token neighbours, rank 8): validation bits per byte 0.908 / 0.890 / 0.850 / 0.833 /
-# 1.010 / 8.71 at lr 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2 (work/tune-lora*/tune.json).
+# 1.010 / 8.71 at lr 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2 (docs/bench/tune-lora-lr.json).
 DEFAULT_LORA_LR = 3e-3
 ADAPTER = "default"
 

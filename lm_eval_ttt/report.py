@@ -43,10 +43,10 @@ def _label(config: dict) -> tuple[str, str]:
         return config.get("model", "?"), config.get("model", "?")
     s = info["settings"]
     method = s["method"]
-    parts = {
-        "ttt-nn": [f"k={s['k']}", "farthest-first" if s.get("order") == "farthest" else ""],
-        "ttt-nn-context": [f"k={s['k']}"],
-        "ttt-nn-interp": [f"k={s['k']}", f"lambda={s.get('lam')}"],
+    parts = [f"k={s['k']}"] if "k" in s else []  # dyneval retrieves nothing: no k
+    parts += {
+        "ttt-nn": ["farthest-first" if s.get("order") == "farthest" else ""],
+        "ttt-nn-interp": [f"lambda={s.get('lam')}"],
         "ttt-nn-dyneval": [f"iterations={s.get('iterations')}"],
     }.get(method, [])
     if method in ("ttt-nn", "ttt-nn-context", "ttt-nn-interp") and s.get("select") == "sift":
@@ -114,7 +114,8 @@ def curve_points(run: Run) -> list[tuple[int, float, float]]:
     docs = [r for r in run.records if "results_at_k" in r and r.get("request_type") == "loglikelihood_rolling"]
     if not docs:
         return []
-    total_bytes = sum(r["bytes"] for r in docs)
+    copies = [r.get("copies", 1) for r in docs]  # weighted as the harness weighs repeated documents
+    total_bytes = sum(r["bytes"] * c for r, c in zip(docs, copies))
     # The scoring points are the keys of a document that reached the most neighbours; a document
     # with fewer (few candidates, adaptive stop) is keyed by what it reached and must not add
     # points of its own, where every other document would count its final score.
@@ -123,7 +124,7 @@ def curve_points(run: Run) -> list[tuple[int, float, float]]:
     points = []
     for k in ks:
         # a document's weights at k are those after the neighbours it had up to k
-        lls = [_score_at(r["results_at_k"], k)[0] for r in docs]
+        lls = [_score_at(r["results_at_k"], k)[0] for r, c in zip(docs, copies) for _ in range(c)]
         steps = sum(len(losses) for r in docs for losses in r.get("chunk_losses", [])[:k]) / len(docs)
         points.append((k, steps, bits_per_byte(lls, total_bytes)))
     return points

@@ -77,3 +77,39 @@ def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
 
     assert points[1][2] == pytest.approx(bits_per_byte([-60.0, -70.0], 200))
     assert points[1][1] == (5 + 3) / 2  # steps: each document's own
+    stopped["copies"] = 2  # the harness had the same text twice and counts it twice
+    assert curve_points(run_)[1][2] == pytest.approx(bits_per_byte([-60.0, -70.0, -70.0], 300))
+
+
+def test_labels_of_every_method(tmp_path):
+    """dyneval's settings have no k (it retrieves nothing): its label used to raise KeyError."""
+    from lm_eval_ttt.report import _label
+
+    def config(**settings):
+        return {"ttt_nn": {"settings": settings}}
+
+    assert _label(config(method="ttt-nn-dyneval", iterations=1)) == ("ttt-nn-dyneval", "ttt-nn-dyneval iterations=1")
+    assert _label(config(method="ttt-nn", k=10, order="farthest"))[1] == "ttt-nn k=10 farthest-first"
+    assert _label(config(method="ttt-nn-interp", k=10, lam=0.01))[1] == "ttt-nn-interp k=10 lambda=0.01"
+    assert _label(config(method="ttt-nn-context", k=10))[1] == "ttt-nn-context k=10"
+    assert _label({"model": "hf"}) == ("hf", "hf")
+
+
+def test_a_repeated_document_counts_as_often_as_the_harness_counts_it(tiny_lm, small_index, test_docs, tmp_path):
+    """The harness scores a text given twice twice; we train and log it once, with its copies,
+    and the report's last curve point equals the harness's own bits per byte."""
+    from conftest import make_lm, requests
+    from lm_eval_ttt.metrics import utf8_bytes
+    from lm_eval_ttt.model import TTTNNLM
+    from lm_eval_ttt.report import Run
+    from lm_eval_ttt.runlog import read_log
+
+    model = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=1, eval_at_k="0:1", max_neighbor_tokens=32, lr=1e-3)
+    texts = [test_docs[0], test_docs[1], test_docs[0]]
+    lls = model.loglikelihood_rolling(requests(texts), disable_tqdm=True)
+    records = list(read_log(model.log_stem).values())
+    assert sorted(r.get("copies", 1) for r in records) == [1, 2]
+    points = curve_points(Run(tmp_path, "t", "ttt-nn", "ttt-nn", {}, 3, 0.0, records=records))
+    from lm_eval_ttt.metrics import bits_per_byte
+
+    assert points[-1][2] == pytest.approx(bits_per_byte(lls, utf8_bytes(texts)), rel=1e-9)
