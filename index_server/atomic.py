@@ -152,12 +152,12 @@ def atomic_output(output: Path, overwrite: bool = False, is_ours: Callable[[Path
     existing = next(p for p in output.parents if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"{existing} is not a directory: cannot create {output} under it")
+    remove_stale_scratch(output)  # first: a swap that died halfway puts the old output back
     if output.exists():
         if not overwrite:
             raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
         check_replaceable(output, is_ours, inputs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(output)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}{_SCRATCH_TAG}", dir=output.parent))
     (scratch / _OWNER_FILE).write_text(owner_tag())
     try:
@@ -172,8 +172,8 @@ def atomic_output(output: Path, overwrite: bool = False, is_ours: Callable[[Path
                     (output / _OWNER_FILE).write_text(owner_tag())  # renamed back if we die now
                     output.rename(old)  # two renames: the target is never half deleted
                 scratch.rename(output)
+                (output / _OWNER_FILE).unlink()
                 fsync_dir(output.parent)
-            (output / _OWNER_FILE).unlink()
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:

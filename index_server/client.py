@@ -253,6 +253,9 @@ class GrpcIndex:
         """Global top-k, in requests small enough for every server (batch and message limits)."""
         max_k, max_batch, payload = self._limits()
         queries = check_queries(queries, k, self.manifest.dim, max_k)
+        if not len(queries):
+            return SearchResult(ids=np.empty((0, k), ID_DTYPE), distances=np.empty((0, k), np.float32),
+                                missing_shards=[])
         per_request = max(1, min(max_batch, payload // search_answer_bytes(1, k),
                                  payload // (self.manifest.dim * VECTOR_DTYPE.itemsize)))
         results = [self._search(queries[start : start + per_request], k)

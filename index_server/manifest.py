@@ -145,14 +145,17 @@ class Manifest:
 
         Index files are bare names inside the index directory and corpus paths are relative to the
         corpus root without ``..``: a hand-edited or hostile manifest must not make ``verify`` or a
-        server open ``/etc/passwd`` or another index's shard."""
+        server open files outside the index directory and the corpus root (``corpus_root`` itself
+        is the operator's to set: ``--corpus-root`` remaps it)."""
         index_files = [self.doc_table] + ([self.vectors] if self.vectors else [])
         index_files += [f for shard in self.shards for f in shard.files()]
         for info in index_files:
-            if not info.file or info.file != PurePosixPath(info.file).name or info.file in (".", ".."):
+            if not isinstance(info.file, str) or not info.file or info.file != PurePosixPath(info.file).name or info.file in (".", ".."):
                 raise ManifestMismatchError(f"{source}: index file {info.file!r} is not a plain file name inside "
                                             f"the index directory")
         for corpus_file in self.corpus:
+            if not isinstance(corpus_file.path, str):
+                raise ManifestMismatchError(f"{source}: corpus path {corpus_file.path!r} is not a string")
             path = PurePosixPath(corpus_file.path)
             if not corpus_file.path or path.is_absolute() or ".." in path.parts or "\\" in corpus_file.path:
                 raise ManifestMismatchError(f"{source}: corpus path {corpus_file.path!r} is not relative to the "

@@ -45,10 +45,15 @@ def model_dropout(model: torch.nn.Module) -> float:
     """The largest dropout rate the model applies in training (modules and config rates)."""
     rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     config = getattr(model, "config", None)
-    if config is not None:
-        rates += [v for k, v in vars(config).items()
-                  if (k.endswith("dropout") or k.endswith("pdrop")) and isinstance(v, float)]
+    if config is not None:  # rates applied functionally (e.g. attention_dropout in sdpa), not as modules
+        rates += [v for k, v in vars(config).items() if isinstance(v, float)
+                  and (k.endswith("dropout") or k.endswith("pdrop"))
+                  and not k.startswith(_HEAD_ONLY_DROPOUT)]
     return max(rates, default=0.0)
+
+
+# Config rates used only by classification or summary heads, never by a causal LM's forward.
+_HEAD_ONLY_DROPOUT = ("classifier_", "summary_")
 
 
 def _train_loaded_adapter(model: torch.nn.Module) -> None:

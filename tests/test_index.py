@@ -298,9 +298,12 @@ def test_a_swap_that_died_halfway_is_undone_and_other_hosts_scratch_is_kept(smal
     dead = tmp_path / ".idx.tmp-def456"
     dead.mkdir()
     (dead / ".owner").write_text(f"{socket.gethostname()}-{_dead_pid()}")
-    assert remove_stale_scratch(out) == [dead]
+    with pytest.raises(FileExistsError, match="pass --overwrite"):  # restored first, so not replaced
+        with atomic_output(out):
+            pass
     assert Manifest.load(out).identity == Manifest.load(small_index).identity and not old.exists()
-    assert not (out / ".owner").exists() and foreign.is_dir()
+    assert not (out / ".owner").exists() and foreign.is_dir() and not dead.exists()
+    assert remove_stale_scratch(out) == []
     with atomic_output(tmp_path / "fresh") as scratch:
         (scratch / "a").write_text("x")
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["a"]  # no owner file left behind

@@ -128,6 +128,8 @@ def test_doc_batch_refuses_dropout(tiny_lm, small_index, tmp_path):
     with pytest.raises(ModelArgumentError, match="the model's dropout is 0.1"):
         lora(tmp_path, dropping, small_index, doc_batch=4)
     lora(tmp_path, dropping, small_index, doc_batch=1)  # one document at a time is fine
+    (dropping / "config.json").write_text(json.dumps({**config, "classifier_dropout": 0.1}))
+    lora(tmp_path, dropping, small_index, doc_batch=4)  # a classification head's rate is not the LM's
 
 
 def test_adapter_settings_change_the_identity(tiny_lm, small_index, tmp_path):
