@@ -85,8 +85,9 @@ def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_o
     if t.adapter == "lora":
         adapted = add_lora(lm.model, t, lm.seed)
         if t.doc_batch > 1:
-            if model_dropout(lm.model) > 0:
-                raise ModelArgumentError(_BATCH_DROPOUT.format(what=f"the model's dropout is {model_dropout(lm.model)}"))
+            dropout = model_dropout(lm.model)
+            if dropout > 0:
+                raise ModelArgumentError(_BATCH_DROPOUT.format(what=f"the model's dropout is {dropout}"))
             adapters = BatchedLoRA(adapted, t.doc_batch)
             lm._model = adapters.model
             return BatchedLoRATrainer(adapters, config, pad_id=lm.tokenizer.pad_token_id or 0)
