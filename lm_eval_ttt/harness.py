@@ -103,6 +103,7 @@ class NeighbourLM(HFLM):
         pretrained = str(bundled_lm_path()) if pretrained is None else pretrained
         if isinstance(pretrained, Path):
             pretrained = str(pretrained)
+        self._pretrained_loaded = pretrained if isinstance(pretrained, str) else None  # `ttt-nn report` pairs by it
         output = harness_output_path()
         log_dir = self.run_settings.log_dir
         self.log_dir = Path(log_dir) if log_dir else (output / "ttt-nn-logs" if output else Path("ttt-nn-logs"))
@@ -194,6 +195,7 @@ class NeighbourLM(HFLM):
         degraded = [r for r in records if is_degraded(r)]
         return {**super().get_model_info(), "ttt_nn": {
             "log": str(self.log_stem.resolve()),
+            "pretrained": self._pretrained_loaded,
             "settings": json.loads(self._identity_json()),
             "documents_in_log": len(records),
             "this_process": dict(self._summary),

@@ -13,6 +13,7 @@ bars per task and method, and training seconds per neighbour.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Run:
     documents: int
     wall_s: float
     records: list[dict] = field(default_factory=list)
+    model: str | None = None  # the pretrained model it ran (a resolved path or a hub name)
 
     @property
     def steps_per_document(self) -> float | None:
@@ -57,13 +59,31 @@ def _label(config: dict) -> tuple[str, str]:
     if s.get("query") == "prefix":
         parts.append("prefix-query")
     tuned = info.get("tuned")
+    if s.get("lr") is not None and not (tuned and tuned["param"] == "lr"):
+        parts.append(f"lr={s['lr']:g}")
     if tuned:
         parts.append(f"({tuned['param']}={tuned['value']} tuned on {tuned['validation']['count']} validation docs)")
     return method, " ".join([method] + [p for p in parts if p])
 
 
+def _model_of(config: dict) -> str | None:
+    """The pretrained model a results file ran: HFLM's ``pretrained`` argument, or for our
+    models the one they loaded (the bundled model when none was given; results written
+    before that was recorded name it through the tokenizer they loaded)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    args = config.get("model_args") or {}
+    args = simple_parse_args_string(args) if isinstance(args, str) else args
+    info = config.get("ttt_nn") or {}
+    name = args.get("pretrained") or info.get("pretrained") or (info.get("settings", {}).get("tokenizer") or [None])[0]
+    if name is None:
+        return None
+    return os.path.realpath(name) if os.path.exists(name) else str(name)
+
+
 def load_runs(paths: list[Path]) -> list[Run]:
-    """Every (results file, task) pair under the given files or directories."""
+    """Every (results file, task) pair under the given files or directories; when they ran
+    more than one pretrained model, each label names its model."""
     import json
 
     files = []
@@ -87,19 +107,24 @@ def load_runs(paths: list[Path]) -> list[Run]:
                 documents=int(data.get("n-samples", {}).get(task, {}).get("effective", 0)),
                 wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
                 records=[r for r in records if r.get("task") in (task, None)],
+                model=_model_of(config),
             ))
+    if len({r.model for r in runs}) > 1:
+        for r in runs:
+            r.label = f"{r.label} [{Path(r.model).name if r.model else '?'}]"
     return runs
 
 
-def _base(runs: list[Run], task: str) -> Run | None:
-    return next((r for r in runs if r.task == task and r.method == "hf"), None)
+def _base(runs: list[Run], run: Run) -> Run | None:
+    """The ``--model hf`` run of the same task and pretrained model (none: no base)."""
+    return next((r for r in runs if r.task == run.task and r.method == "hf" and r.model == run.model), None)
 
 
 def markdown_table(runs: list[Run]) -> str:
     lines = ["| task | method | bits/byte | byte ppl | word ppl | bpb kept vs hf | documents | steps/doc | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: (r.task, r.method != "hf", r.label)):
-        base = _base(runs, run.task)
+        base = _base(runs, run)
         kept = f"{run.metrics['bits_per_byte'] / base.metrics['bits_per_byte']:.1%}" if base else "-"
         steps = run.steps_per_document
         m = run.metrics
@@ -174,9 +199,8 @@ def _plot_curves(runs: list[Run], out: Path, x: int, xlabel: str) -> Path:
                 ax.plot([p[x] for p in points], [p[2] for p in points], marker="o", label=run.label)
             elif run.steps_per_document is not None and x == 1:
                 ax.plot([run.steps_per_document], [run.metrics["bits_per_byte"]], marker="s", label=run.label)
-        base = _base(runs, task)
-        if base:
-            ax.axhline(base.metrics["bits_per_byte"], color="grey", linestyle="--", label="hf (base)")
+        for base in (r for r in runs if r.task == task and r.method == "hf"):
+            ax.axhline(base.metrics["bits_per_byte"], color="grey", linestyle="--", label=f"{base.label} (base)")
         ax.set(title=task, xlabel=xlabel, ylabel="bits per byte")
         ax.legend(fontsize=7)
     return _save(fig, out)

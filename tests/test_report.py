@@ -1,5 +1,6 @@
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -50,12 +51,38 @@ def test_report_table_equals_inputs_and_plots_are_real_images(results, tmp_path)
     assert [k for k, _, _ in points] == [0, 1, 2]
     assert points[0][1] == 0 < points[1][1] < points[2][1]  # gradient steps grow with k
     assert points[-1][2] == pytest.approx(ttt.metrics["bits_per_byte"], rel=1e-9)  # final point = harness metric
-    assert "| ttt_stdlib_code | ttt-nn k=2 | 2 |" in table  # bits per byte against steps
+    assert "| ttt_stdlib_code | ttt-nn k=2 lr=0.001 | 2 |" in table  # bits per byte against steps
     for name in ("bpb_vs_k.png", "bpb_vs_steps.png", "bpb_by_method.png", "train_cost.png"):
         width, height, data = png_size(tmp_path / "report" / name)
         assert width >= 400 and height >= 300
         assert len(data) > 10_000  # axes, bars, lines and labels: not a blank canvas
     assert markdown_table(runs) in table
+
+
+def test_each_run_is_compared_with_the_hf_run_of_its_own_model(results, tmp_path):
+    """With hf runs of two models in one report, a method's "kept" share must use the base of
+    the model it ran, not whichever hf run came first, and labels must say which model."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(results, mixed)
+    hf_file = next((mixed / "hf").rglob("results_*.json"))
+    other = json.loads(hf_file.read_text())
+    other["config"]["model_args"]["pretrained"] = "SomeOrg/other-model"
+    other["results"]["ttt_stdlib_code"]["bits_per_byte,none"] = 9.0
+    (hf_file.parent / "results_0000-other.json").write_text(json.dumps(other))  # sorts before the real base
+    runs = load_runs([mixed])
+    hf_runs = [r for r in runs if r.method == "hf"]
+    assert len(hf_runs) == 2 and len({r.model for r in hf_runs}) == 2
+    ttt = next(r for r in runs if r.method == "ttt-nn")
+    own = next(r for r in hf_runs if r.model == ttt.model)
+    assert own.metrics["bits_per_byte"] != 9.0
+    kept = ttt.metrics["bits_per_byte"] / own.metrics["bits_per_byte"]
+    table = markdown_table(runs)
+    assert f"| {ttt.label} | {ttt.metrics['bits_per_byte']:.4f} |" in table
+    assert f"{kept:.1%} |" in table.split(ttt.label)[1].splitlines()[0]
+    assert ttt.label.endswith(f"[{Path(ttt.model).name}]")
+    assert any(r.label == "hf [other-model]" for r in hf_runs)
 
 
 def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
