@@ -242,7 +242,11 @@ class GrpcIndex:
 
     # -- the index surface ----------------------------------------------------------------
     def _limits(self) -> tuple[int, int, int]:
-        """(max k, queries per request, message bytes) that every known server accepts."""
+        """(max k, queries per request, message bytes) that every known server accepts; a
+        server that was down at connect is asked first, so its limits count once it is back."""
+        for server in self.servers:
+            if server.info is None and self._usable(server):
+                self._revive(server)
         infos = [server.info for server in self.servers if server.info is not None]
         max_k = min([self.options.max_k] + [i.max_k for i in infos])
         max_batch = min((i.max_batch for i in infos), default=1 << 30)

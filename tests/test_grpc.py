@@ -389,6 +389,28 @@ def test_client_splits_searches_to_fit_every_servers_limits(sharded, queries):
                 server.stop(0)
 
 
+def test_a_server_back_after_connect_has_its_limits_respected(sharded, queries):
+    """Limits came only from servers up at connect: one that came back later with a small
+    max_batch was sent every query at once and refused the search."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = start(sharded, (0, 1))
+    client = GrpcIndex((first[1], f"127.0.0.1:{port}"), IndexOptions(failure_policy="degrade", retries=0))
+    second = start(sharded, (2, 3), max_batch=3, port=port)
+    try:
+        grpc.channel_ready_future(client.servers[1].channel).result(timeout=10)  # past the reconnect backoff
+        got, want = client.search(queries, 10), LocalIndex(sharded).search(queries, 10)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        assert got.missing_shards == [[]] * len(queries)
+    finally:
+        client.close()
+        for server, _ in (first, second):
+            server.stop(0)
+
+
 def test_search_answer_over_the_message_limit_is_refused_before_searching(sharded, queries):
     from index_server.wire import MESSAGE_OVERHEAD
 
