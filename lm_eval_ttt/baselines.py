@@ -176,6 +176,8 @@ class DynamicEvalLM(NeighbourLM):
                 t = time.perf_counter()
                 steps += sum(map(len, self.trainer.train([ctx + cont] * self.iterations)))
                 train_s += time.perf_counter() - t
+            skipped = self.trainer.skipped_steps  # fp16 overflow: not a step taken
         finally:
             self.trainer.reset()
-        return {"results": [total], "train_s": train_s, "score_s": score_s, "train_steps": steps}
+        return {"results": [total], "train_s": train_s, "score_s": score_s, "train_steps": steps - skipped,
+                **({"skipped_steps": skipped} if skipped else {})}

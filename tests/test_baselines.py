@@ -78,3 +78,19 @@ def test_dyneval_trains_between_windows_only(tiny_lm, small_index, test_docs, tm
     assert len(windows) > 1
     model.loglikelihood_rolling(requests([doc]), disable_tqdm=True)
     assert calls == [2] * (len(windows) - 1)
+
+
+def test_dyneval_does_not_count_fp16_steps_the_scaler_skipped(tiny_lm, small_index, test_docs, tmp_path):
+    """A step skipped on fp16 overflow takes no step: the log counted it as a gradient step."""
+    import torch
+
+    from lm_eval_ttt.runlog import read_log
+
+    model = make_lm(baselines.DynamicEvalLM, tmp_path, tiny_lm, small_index, iterations=1, lr=1e-3, precision="fp16")
+    model.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # every early step overflows
+    doc = max(test_docs, key=len)
+    windows = len(model.windows(doc))
+    model.loglikelihood_rolling(requests([doc]), disable_tqdm=True)
+    (record,) = read_log(model.log_stem).values()
+    assert record["skipped_steps"] == windows - 1
+    assert record["train_steps"] == 0
