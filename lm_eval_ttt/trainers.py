@@ -63,6 +63,16 @@ def _train_loaded_adapter(model: torch.nn.Module) -> None:
     model.set_requires_grad(model.active_adapters, True)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer, non-reentrant (frozen inputs need no grad);
+    transformers 5 renamed the method, 4.x has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def n_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -81,7 +91,7 @@ def build_trainer(lm, t: TrainSettings, max_neighbor_tokens: int | None, reset_o
     config = TTTConfig(lr=lr, max_length=lm.max_length, max_neighbor_tokens=max_neighbor_tokens,
                        reset_optimizer=reset_optimizer, precision=t.precision, compile=t.compile)
     if t.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm.model)
     if t.adapter == "lora":
         adapted = add_lora(lm.model, t, lm.seed)
         if t.doc_batch > 1:

@@ -92,6 +92,24 @@ def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default
     assert not four.trainer.optimizer.steps.any()
 
 
+@pytest.mark.parametrize("args", [{}, {"doc_batch": 2}, {"adapter": "none", "lr": 1e-4}],
+                         ids=["lora", "lora doc_batch=2", "full TTT"])
+def test_gradient_checkpointing_recomputes_the_same_scores(tiny_lm, small_index, test_docs, tmp_path, args):
+    """Checkpointing trades memory for recomputation only (bench_lora measures the memory):
+    the recomputed forward must see the same adapters (for doc_batch, the same slot per row)."""
+    docs = test_docs[:2]
+    plain = lora(tmp_path / "plain", tiny_lm, small_index, **args)
+    checkpointed = lora(tmp_path / "ckpt", tiny_lm, small_index, gradient_checkpointing=True, **args)
+    def checkpointing(lm):
+        return any(getattr(m, "gradient_checkpointing", False) for m in lm.model.modules())
+
+    assert checkpointing(checkpointed) and not checkpointing(plain)
+    a = plain.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    b = checkpointed.loglikelihood_rolling(requests(docs), disable_tqdm=True)
+    assert b == pytest.approx(a, rel=BATCH_TOLERANCE)
+    assert a != pytest.approx(HFLM.loglikelihood_rolling(plain, requests(docs), disable_tqdm=True), rel=1e-6)
+
+
 def test_doc_batch_answers_every_request_type(tiny_lm, small_index, tmp_path):
     mc = [Instance("loglikelihood", {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", d, 1))
           for d in range(3) for c in (" json", " os")]
