@@ -191,7 +191,7 @@ def _save(fig, out: Path) -> Path:
 def _plot_curves(runs: list[Run], out: Path, x: int, xlabel: str) -> Path:
     plt = _pyplot()
     tasks = sorted({r.task for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(9 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for run in (r for r in runs if r.task == task):
             points = curve_points(run)
@@ -202,7 +202,7 @@ def _plot_curves(runs: list[Run], out: Path, x: int, xlabel: str) -> Path:
         for base in (r for r in runs if r.task == task and r.method == "hf"):
             ax.axhline(base.metrics["bits_per_byte"], color="grey", linestyle="--", label=f"{base.label} (base)")
         ax.set(title=task, xlabel=xlabel, ylabel="bits per byte")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: hides no point
     return _save(fig, out)
 
 
