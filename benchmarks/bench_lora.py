@@ -23,8 +23,8 @@ from _common import WORK, parser, report, write_json  # noqa: E402
 
 CONFIGS = {
     "inference (k=0)": "k=0",
-    # Importing peft pulls sympy and scipy into the process (about 130 MB of RSS at import):
-    # this row shows how much of that reaches the peak, i.e. of LoRA's overhead is the import.
+    # Importing peft pulls sympy and scipy into the process (about 130 MB of RSS when imported
+    # after lm_eval and transformers): this row shows how much of that reaches the peak.
     "inference (k=0), peft imported": "k=0",
     "full TTT": "",
     "LoRA r=8, doc_batch=1": "adapter=lora,lora_r=8",

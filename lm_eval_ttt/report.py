@@ -78,7 +78,8 @@ def _model_of(config: dict) -> str | None:
     name = args.get("pretrained") or info.get("pretrained") or (info.get("settings", {}).get("tokenizer") or [None])[0]
     if name is None:
         return None
-    return os.path.realpath(name) if os.path.exists(name) else str(name)
+    name = str(name)  # lm_eval parses pretrained=1 as an int
+    return os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)
 
 
 def load_runs(paths: list[Path]) -> list[Run]:

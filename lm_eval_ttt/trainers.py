@@ -67,10 +67,13 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing per decoder layer, non-reentrant (frozen inputs need no grad);
     transformers 5 renamed the method, 4.x has only the old name."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as e:  # transformers: "... does not support gradient checkpointing"
+        raise ModelArgumentError(f"gradient_checkpointing=true: {e}") from e
 
 
 def n_parameters(model: torch.nn.Module) -> int:

@@ -399,15 +399,16 @@ def test_a_server_back_after_connect_has_its_limits_respected(sharded, queries):
         port = s.getsockname()[1]
     first = start(sharded, (0, 1))
     client = GrpcIndex((first[1], f"127.0.0.1:{port}"), IndexOptions(failure_policy="degrade", retries=0))
-    second = start(sharded, (2, 3), max_batch=3, port=port)
+    servers = [first]
     try:
+        servers.append(start(sharded, (2, 3), max_batch=3, port=port))
         grpc.channel_ready_future(client.servers[1].channel).result(timeout=10)  # past the reconnect backoff
         got, want = client.search(queries, 10), LocalIndex(sharded).search(queries, 10)
         np.testing.assert_array_equal(got.ids, want.ids)
         assert got.missing_shards == [[]] * len(queries)
     finally:
         client.close()
-        for server, _ in (first, second):
+        for server, _ in servers:
             server.stop(0)
 
 
