@@ -43,6 +43,21 @@ def test_tune_picks_the_lowest_validation_bits_per_byte_of_its_own_table(tuned, 
                                                                                          rel=1e-12)
 
 
+def test_a_widened_grid_resumes_old_values_with_their_own_costs(tuned, tmp_path):
+    """Re-running a tune with more values reuses the logged ones; their seconds were the wall
+    time of the resume (~0 s), which also broke ties in favour of resumed values."""
+    import shutil
+    from dataclasses import replace
+
+    config, result = tuned
+    shutil.copytree(config.out / "logs", tmp_path / "logs")  # the earlier tune's logs, another tune.json
+    again = run_tune(replace(config, grid=(1e-4, 3e-3), out=tmp_path), echo=lambda *a: None)
+    assert all(r["seconds"] > 0 for r in result["rows"])
+    for old, new in zip(result["rows"], again["rows"]):
+        assert new["bits_per_byte"] == old["bits_per_byte"] and new["steps"] == old["steps"]
+        assert new["seconds"] == old["seconds"] > 0
+
+
 def test_validation_documents_never_retrieve_themselves(tuned):
     config, result = tuned
     logs = config.out / "logs"
