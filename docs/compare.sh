@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every method tuned on the same validation budget (8 documents of the index's own corpus,
-# each excluded from its own neighbours; 4 values per method), then run on the same 8
+# each excluded from its own neighbours; 4 to 6 values per method), then run on the same 8
 # held-out test documents of the bundled code task, then one report.
 # Run from the repository root after `make demo` (or `make`): bash docs/compare.sh
 set -euo pipefail
@@ -19,8 +19,8 @@ tune() {  # method param grid [more tune arguments]
 mkdir -p "$OUT"
 tune ttt-nn lr 2e-5:5e-5:1e-4:2e-4 --k 10 --model-args max_neighbor_tokens=256
 tune ttt-nn-context context_tokens 32:64:128:192 --k 10
-tune ttt-nn-interp lambda 0.01:0.02:0.05:0.1 --k 10
-tune ttt-nn-dyneval lr 2e-5:5e-5:1e-4:2e-4
+tune ttt-nn-interp lambda 0.002:0.005:0.01:0.02:0.05:0.1 --k 10
+tune ttt-nn-dyneval lr 2e-5:5e-5:1e-4:2e-4:5e-4:1e-3
 LR=$(chosen ttt-nn)
 run() {  # name model args
   $BIN/lm_eval --model "$2" --model_args "$ARGS,$3" $COMMON --output_path "$OUT/runs/$1"
