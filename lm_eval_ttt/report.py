@@ -32,6 +32,7 @@ class Run:
     wall_s: float
     records: list[dict] = field(default_factory=list)
     model: str | None = None  # the pretrained model it ran (a resolved path or a hub name)
+    resumed: int = 0  # documents this run took from its log: its wall time does not include them
 
     @property
     def steps_per_document(self) -> float | None:
@@ -109,6 +110,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
                 wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
                 records=[r for r in records if r.get("task") in (task, None)],
                 model=_model_of(config),
+                resumed=int(((config.get("ttt_nn") or {}).get("this_process") or {}).get("resumed", 0)),
             ))
     if len({r.model for r in runs}) > 1:
         for r in runs:
@@ -128,10 +130,11 @@ def markdown_table(runs: list[Run]) -> str:
         base = _base(runs, run)
         kept = f"{run.metrics['bits_per_byte'] / base.metrics['bits_per_byte']:.1%}" if base else "-"
         steps = run.steps_per_document
+        wall = f"{run.wall_s:.0f}" + (f" ({run.resumed} documents resumed from the log)" if run.resumed else "")
         m = run.metrics
         lines.append(f"| {run.task} | {run.label} | {m['bits_per_byte']:.4f} | {m['byte_perplexity']:.4f} | "
                      f"{m['word_perplexity']:.2f} | {kept} | {run.documents} | "
-                     f"{'-' if steps is None else f'{steps:.1f}'} | {run.wall_s:.0f} |")
+                     f"{'-' if steps is None else f'{steps:.1f}'} | {wall} |")
     return "\n".join(lines) + "\n"
 
 

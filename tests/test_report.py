@@ -85,6 +85,22 @@ def test_each_run_is_compared_with_the_hf_run_of_its_own_model(results, tmp_path
     assert any(r.label == "hf [other-model]" for r in hf_runs)
 
 
+def test_a_resumed_run_says_its_wall_time_leaves_out_the_resumed_documents(results, tmp_path):
+    """A rerun that took its documents from the log reports seconds, not the run's cost."""
+    import shutil
+
+    shutil.copytree(results / "ttt", tmp_path / "ttt")
+    file = next((tmp_path / "ttt").rglob("results_*.json"))
+    data = json.loads(file.read_text())
+    data["config"]["ttt_nn"]["this_process"] = {"scored": 0, "resumed": 2, "degraded": 0}
+    file.write_text(json.dumps(data))
+    (run_,) = load_runs([tmp_path / "ttt"])
+    assert run_.resumed == 2
+    assert markdown_table([run_]).rstrip().endswith(f"| {run_.wall_s:.0f} (2 documents resumed from the log) |")
+    (fresh,) = load_runs([results / "ttt"])
+    assert fresh.resumed == 0 and markdown_table([fresh]).rstrip().endswith(f"| {fresh.wall_s:.0f} |")
+
+
 def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
     """Keys of results_at_k are the neighbours a document reached: one that stopped at 3 must
     count its k=3 score at k=5 and 10, and not create a point k=3 where the others count their
