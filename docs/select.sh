@@ -12,7 +12,7 @@ COMMON="--tasks ttt_stdlib_code --include_path $TASKS --limit 8 --device cpu --b
 LR=$($BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$COMPARE/tune/ttt-nn/tune.json")
 ARGS="max_length=256,max_neighbor_tokens=256,lr=$LR,log_dir=$OUT/logs,neighbour_cache=$COMPARE/cache"
 mkdir -p "$OUT"
-$BIN/ttt-nn tune --method ttt-nn --param sift_lambda --grid 0.001:0.01:0.1:1 --docs 8 --min-chars 500 \
+$BIN/ttt-nn tune --method ttt-nn --param sift_lambda --grid 0.001:0.01:0.1:1:10:100 --docs 8 --min-chars 500 \
   --max-chars 10000 --max-length 256 --k 10 --model-args "select=sift,candidates=200,max_neighbor_tokens=256,lr=$LR" \
   --out "$OUT/tune/sift" | tee "$OUT/tune-sift.txt"
 LAMBDA=$($BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/sift/tune.json")

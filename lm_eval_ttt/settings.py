@@ -66,8 +66,8 @@ class NeighbourSettings:
     select: str = arg("nearest", "nearest: the k nearest, nearest first; sift: k picks from `candidates` that most "
                                  "reduce the query's posterior variance (repeats allowed)", choices=("nearest", "sift"))
     candidates: int = arg(200, "select=sift: candidates retrieved before selection (K)", minimum=1)
-    sift_lambda: float = arg(0.01, "select=sift: noise variance of the kernel surrogate; larger favours diversity",
-                             above=0)
+    sift_lambda: float = arg(0.01, "select=sift: noise variance of the kernel surrogate; smaller spreads the picks "
+                                   "over distinct candidates, larger repeats the most relevant ones", above=0)
     alpha: float | None = arg(None, "adaptive compute (select=sift): stop at step n once sigma_n > 1/(alpha*n)",
                               above=0)
     max_distance: float | None = arg(None, "drop neighbours farther than this index distance (reference: 4.0)",
