@@ -98,7 +98,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
         data = json.loads(file.read_text())
         config = data.get("config", {})
         method, label = _label(config)
-        log = (config.get("ttt_nn") or {}).get("log")
+        info = config.get("ttt_nn") or {}
+        log, model = info.get("log"), _model_of(config)
+        resumed = int((info.get("this_process") or {}).get("resumed", 0))
         records = list(read_log(Path(log)).values()) if log else []
         for task, row in data["results"].items():
             if f"{METRICS[0]},none" not in row:
@@ -109,8 +111,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
                 documents=int(data.get("n-samples", {}).get(task, {}).get("effective", 0)),
                 wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
                 records=[r for r in records if r.get("task") in (task, None)],
-                model=_model_of(config),
-                resumed=int(((config.get("ttt_nn") or {}).get("this_process") or {}).get("resumed", 0)),
+                model=model, resumed=resumed,
             ))
     if len({r.model for r in runs}) > 1:
         for r in runs:
