@@ -28,7 +28,7 @@ from .retriever import Neighbours
 from .scoring import continuation_scores
 from .settings import (ContextSettings, DynamicEvalSettings, InterpolationSettings, ModelArgumentError,
                        NeighbourSettings, RunSettings, TrainSettings)
-from .trainers import build_trainer, check_train_settings
+from .trainers import build_trainer, check_train_settings, step_counts
 
 
 class InContextLM(NeighbourLM):
@@ -179,5 +179,4 @@ class DynamicEvalLM(NeighbourLM):
             skipped = self.trainer.skipped_steps  # fp16 overflow: not a step taken
         finally:
             self.trainer.reset()
-        return {"results": [total], "train_s": train_s, "score_s": score_s, "train_steps": steps - skipped,
-                **({"skipped_steps": skipped} if skipped else {})}
+        return {"results": [total], "train_s": train_s, "score_s": score_s, **step_counts(steps, skipped)}

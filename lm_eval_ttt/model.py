@@ -22,7 +22,7 @@ from .lora import BatchedLoRATrainer
 from .retriever import Neighbours
 from .scoring import continuation_scores
 from .settings import ModelArgumentError, NeighbourSettings, RunSettings, TrainSettings, TTTSettings
-from .trainers import build_trainer, check_train_settings
+from .trainers import build_trainer, check_train_settings, step_counts
 
 
 def scoring_points(eval_at_k: tuple[int, ...] | None, k: int) -> list[int]:
@@ -150,6 +150,5 @@ class TTTNNLM(NeighbourLM):
             timings["reset_s"] = time.perf_counter() - t
         share = {key: value / len(documents) for key, value in timings.items()}
         return [{"results": scores[i][str(min(self.k, len(tokens[i])))], "results_at_k": scores[i],
-                 "chunk_losses": losses[i], "train_steps": sum(map(len, losses[i])) - skipped,
-                 **({"skipped_steps": skipped} if skipped else {}),
+                 "chunk_losses": losses[i], **step_counts(sum(map(len, losses[i])), skipped),
                  **({"doc_batch": len(documents)} if self.batched else {}), **share} for i in range(len(documents))]

@@ -76,6 +76,12 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         raise ModelArgumentError(f"gradient_checkpointing=true: {e}") from e
 
 
+def step_counts(attempted: int, skipped: int) -> dict:
+    """A document's log fields for its gradient steps: fp16 steps the gradient scaler skipped
+    on overflow took no step, so they are counted apart."""
+    return {"train_steps": attempted - skipped, **({"skipped_steps": skipped} if skipped else {})}
+
+
 def n_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
