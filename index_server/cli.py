@@ -17,6 +17,7 @@ from .encoder import EncoderConfig
 from .options import IndexOptions
 from .search import REFINE_FACTOR
 from .server import ServerConfig
+from .source_corpus import SourceCorpusConfig
 
 DEFAULT_WORK_DIR = Path("work")
 
@@ -32,8 +33,8 @@ def defaults(cls) -> dict:
     return out
 
 
-ENCODER, EMBED, BUILD, SERVER, OPTIONS = (defaults(c) for c in (EncoderConfig, EmbedConfig, BuildConfig, ServerConfig,
-                                                                  IndexOptions))
+ENCODER, EMBED, BUILD, SERVER, OPTIONS, CORPUS = (defaults(c) for c in (EncoderConfig, EmbedConfig, BuildConfig,
+                                                                          ServerConfig, IndexOptions, SourceCorpusConfig))
 
 
 def _encoder(args: argparse.Namespace) -> EncoderConfig:
@@ -48,6 +49,18 @@ def _cmd_default_corpus(args: argparse.Namespace) -> None:
         print(f"{subset}: {s.index} index documents, {s.test} held-out test documents"
               + (f", {len(s.skipped)} skipped (not UTF-8)" if s.skipped else ""))
     print(f"written under {args.out}")
+
+
+def _cmd_corpus(args: argparse.Namespace) -> None:
+    from .source_corpus import SourceCorpusConfig, summary_lines, write_source_corpus
+
+    summary = write_source_corpus(SourceCorpusConfig(
+        output=args.out, inputs=tuple(args.inputs), packages=tuple(args.package or ()), name=args.name,
+        include=tuple(args.include or ()), exclude=CORPUS["exclude"] + tuple(args.exclude or ()),
+        min_bytes=args.min_bytes, max_bytes=args.max_bytes, validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction, overwrite=args.overwrite, progress=not args.quiet))
+    print("\n".join(summary_lines(summary)))
+    print(f"written under {args.out}: " + ", ".join(summary["files"].values()))
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -186,6 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_WORK_DIR / "corpus", help="output directory (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_default_corpus)
+
+    p = sub.add_parser("corpus", help="turn source trees and Python distributions into a Pile-format corpus",
+                       description="One document per file of directories, archives (wheels, sdists, tarballs, zips) "
+                                   "and installed distributions, with path, source, version and licence in meta; "
+                                   "binary, non-UTF-8, unreadable and out-of-size files skipped and counted, exact "
+                                   "duplicates kept once, and a split into index / validation / test by a hash of "
+                                   "the path. Globs match the path inside its source (fnmatch: * crosses /).")
+    p.add_argument("inputs", type=Path, nargs="*", help="directories and archives")
+    p.add_argument("--package", action="append", help="an installed distribution, by name (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written whole or not at all)")
+    p.add_argument("--name", default=CORPUS["name"], help="file prefix: NAME.index.jsonl, NAME.validation.jsonl, "
+                                                          "NAME.test.jsonl (default: %(default)s)")
+    p.add_argument("--include", action="append", help="keep only paths matching this glob (repeatable), e.g. '*.py'")
+    p.add_argument("--exclude", action="append",
+                   help=f"drop paths matching this glob (repeatable; always: {' '.join(CORPUS['exclude'])})")
+    p.add_argument("--min-bytes", type=int, default=CORPUS["min_bytes"], help="smallest file kept (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=CORPUS["max_bytes"], help="largest file kept (default: %(default)s)")
+    p.add_argument("--validation-fraction", type=float, default=CORPUS["validation_fraction"],
+                   help="share of paths for validation (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=CORPUS["test_fraction"],
+                   help="share of paths held out for test (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only one written by this)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser("embed", help="embed a JSONL corpus into resumable parts (parallel: --part, or RANK/WORLD_SIZE)",
                        description="Cut the corpus into byte-range parts, validate and embed each (first --max-tokens "
