@@ -9,8 +9,6 @@ side, then 8 concurrent clients x 1000 queries (errors must be 0).
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +21,9 @@ from _common import WORK, embeddings_from_vectors, parser, report, write_json  #
 
 from index_server.build import BuildConfig, build_index  # noqa: E402
 from index_server.client import GrpcIndex  # noqa: E402
+from index_server.launcher import ShardProcess, start_shard_server  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
+from index_server.server import ServerConfig  # noqa: E402
 
 DIM = 384
 
@@ -36,10 +36,9 @@ def build(n: int, shards: int) -> Path:
     return out
 
 
-def serve(index: Path, shards: int) -> tuple[list[subprocess.Popen], tuple[str, ...]]:
-    procs = [subprocess.Popen([str(Path(sys.executable).with_name("ttt-index")), "serve", str(index), "--shards", str(i)],
-                              stdout=subprocess.PIPE, text=True) for i in range(shards)]
-    return procs, tuple(p.stdout.readline().rsplit(" ", 1)[-1].strip() for p in procs)
+def serve(index: Path, shards: int) -> tuple[list[ShardProcess], tuple[str, ...]]:
+    procs = [start_shard_server(ServerConfig(index, shards=(i,))) for i in range(shards)]
+    return procs, tuple(p.address for p in procs)
 
 
 def timed(search, queries: np.ndarray, batch: int, k: int) -> tuple[float, float, float]:
@@ -54,7 +53,8 @@ def timed(search, queries: np.ndarray, batch: int, k: int) -> tuple[float, float
     return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), qps
 
 
-def concurrent(addresses: tuple[str, ...], queries: np.ndarray, k: int, clients: int, per_client: int) -> tuple[int, int, float]:
+def concurrent(addresses: tuple[str, ...], queries: np.ndarray, k: int, clients: int,
+               per_client: int) -> tuple[int, int, float]:
     errors, done = [], []
 
     def worker(seed: int) -> None:
@@ -102,9 +102,7 @@ def main() -> None:
             load_rows.append([shards, args.clients, ok, failed, round(qps, 1)])
         finally:
             for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                p.wait()
+                p.stop()
     out = report(f"{args.vectors} vectors x {DIM} dims, Flat, k={args.k}; latency per call",
                  ["shards", "batch", "backend", "p50 ms", "p99 ms", "queries/s"], rows,
                  ["shards", "batch", "backend", "p50_ms", "p99_ms", "queries_per_s"])

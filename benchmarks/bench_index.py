@@ -65,7 +65,8 @@ def main() -> None:
         rows.append([factory, manifest.n_vectors, round(write_s, 2), round(embed_s + write_s, 1),
                      round(manifest.n_vectors / (embed_s + write_s), 1), code_bytes,
                      round(shard_bytes / manifest.n_vectors, 1), round(recall, 3), round(search_ms, 3)])
-    print(f"embedding {rows[0][1]} documents at {args.max_tokens} tokens in {layout.num_parts} part(s): {embed_s:.1f} s "
+    print(f"embedding {rows[0][1]} documents at {args.max_tokens} tokens in {layout.num_parts} part(s): "
+          f"{embed_s:.1f} s "
           f"({rows[0][1] / embed_s:.1f} docs/s)")
     out = report(f"bundled corpus, {len(queries)} held-out queries; build = embed + index write",
                  ["factory", "vectors", "write s", "build s", "docs/s", "code bytes", "file bytes/vector",

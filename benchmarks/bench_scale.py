@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import WORK, current_rss_mb, embeddings_from_vectors, parser, report, write_json  # noqa: E402
 
 from index_server.client import GrpcIndex  # noqa: E402
+from index_server.launcher import ShardProcess, start_shard_server  # noqa: E402
 from index_server.manifest import Manifest  # noqa: E402
 from index_server.options import IndexOptions  # noqa: E402
 from index_server.plan import MEASURED, human  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
+from index_server.server import ServerConfig  # noqa: E402
 
 BIN = Path(sys.executable).parent
 K = 20
@@ -95,10 +96,9 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth)]))
 
 
-def serve(index: Path, options: list[str]) -> tuple[list[subprocess.Popen], tuple[str, ...]]:
-    procs = [subprocess.Popen([str(BIN / "ttt-index"), "serve", str(index), "--shards", str(i), *options],
-                              stdout=subprocess.PIPE, text=True) for i in range(SHARDS)]
-    return procs, tuple(p.stdout.readline().rsplit(" ", 1)[-1].strip() for p in procs)
+def serve(index: Path, search: IndexOptions) -> tuple[list[ShardProcess], tuple[str, ...]]:
+    procs = [start_shard_server(ServerConfig(index, shards=(i,), search=search)) for i in range(SHARDS)]
+    return procs, tuple(p.address for p in procs)
 
 
 def resident_bytes(manifest: Manifest) -> float:
@@ -153,7 +153,8 @@ def projection(families: dict[str, dict], args) -> list[list]:
             measured = families.get(layout.family, {})
             machines = math.ceil(layout.ram_bytes / (256 * 2**30))
             options = " ".join(o for o, on in (("on-disk", layout.on_disk), ("refine", layout.refine)) if on)
-            rows.append([encoder, f"{layout.factory} {options}".strip(), human(layout.ram_bytes), human(layout.disk_bytes),
+            rows.append([encoder, f"{layout.factory} {options}".strip(), human(layout.ram_bytes),
+                         human(layout.disk_bytes),
                          machines, "yes" if layout.ram_bytes < 64 * 2**30 else "no",
                          round(measured.get("recall", layout.recall or float("nan")), 3)])
     return rows
@@ -179,12 +180,12 @@ def main() -> None:
     queries = mixture(args.queries, args.dim, args.centres, seed=1)
     emb = embeddings_from_vectors(vectors, f"scale-{args.vectors}")
     del vectors
-    print(f"data: {args.vectors} x {args.dim} vectors written as embedding parts ({time.perf_counter() - started:.0f} s)",
+    print(f"data: {args.vectors} x {args.dim} vectors written as embedding parts "
+          f"({time.perf_counter() - started:.0f} s)",
           flush=True)
 
     rows, families, truth = [], {}, None
     options = IndexOptions(nprobe=args.nprobe, refine_factor=args.refine_factor)
-    server_flags = ["--nprobe", str(args.nprobe), "--refine-factor", str(args.refine_factor)]
     for name, factory, flags, family in layouts(args):
         out = WORK / f"scale-{args.vectors}-{name.replace(' ', '_').replace(',', '_')}"
         build_s, build_peak = build(emb, out, factory, flags, args.train_size)
@@ -197,19 +198,17 @@ def main() -> None:
         batched = latencies(index.search, queries, 64)
         in_process_rss = current_rss_mb() - rss_before
         del index
-        procs, addresses = serve(out, [] if factory == "Flat" else server_flags)
+        procs, addresses = serve(out, IndexOptions() if factory == "Flat" else options)
         try:
             remote = GrpcIndex(addresses)
             assert np.array_equal(remote.search(queries[:50], K).ids, found[:50]), "gRPC != in-process"
             grpc_single = latencies(remote.search, queries[:300], 1)
             grpc_batched = latencies(remote.search, queries, 64)
-            server_rss = sum(current_rss_mb(proc.pid) for proc in procs)
+            server_rss = sum(current_rss_mb(proc.process.pid) for proc in procs)
             remote.close()
         finally:
             for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                proc.wait()
+                proc.stop()
         r = recall(found, truth)
         resident = resident_bytes(manifest)
         row = {"layout": name, "vectors": manifest.n_vectors, "bytes_per_vector_resident": round(resident, 1),
@@ -240,8 +239,8 @@ def main() -> None:
               round(real.get(next(f for n, _, _, f in layouts(args) if n == r["layout"]), float("nan")), 3),
               r["p50_ms"], r["p99_ms"], r["batch64_p50_ms"], r["grpc_p50_ms"], r["grpc_batch64_p50_ms"],
               r["server_rss_mb"], r["build_s"], r["build_peak_rss_mb"]] for r in rows]
-    report(f"{args.vectors:,} x {args.dim} clustered vectors, {SHARDS} shards, k={K}, nprobe {args.nprobe}, refine factor "
-           f"{args.refine_factor}; latency per call; 2 CPU cores",
+    report(f"{args.vectors:,} x {args.dim} clustered vectors, {SHARDS} shards, k={K}, nprobe {args.nprobe}, "
+           f"refine factor {args.refine_factor}; latency per call; 2 CPU cores",
            ["layout", "vectors", "B/vec RAM", "B/vec disk", "recall@20", "recall@20 real", "p50 ms", "p99 ms",
             "batch64 p50", "gRPC p50", "gRPC b64 p50", "server RSS MB", "build s", "build RSS MB"], table)
     report(f"build peak RSS of {on_disk_factory} --on-disk against N (train sample {args.train_size}, blocks of 65536)",
@@ -261,7 +260,8 @@ def main() -> None:
           f"({', '.join(r['layout'] for r in single_ok)})")
     print(f"  build peak RSS flat in N ({', '.join(f'{m[0]:,}: {m[1]} MB' for m in memory_rows)}): "
           f"{'met' if max(peaks) <= 1.25 * min(peaks) else 'not met'}")
-    print(f"  a Pile projection that fits one machine with < 64 GB RAM at recall >= 0.95: {'met' if fits else 'not met'}")
+    print("  a Pile projection that fits one machine with < 64 GB RAM at recall >= 0.95: "
+          + ("met" if fits else "not met"))
     if not args.no_measured_recall:
         MEASURED.write_text(json.dumps({f: round(v["recall"], 4) for f, v in families.items()}, indent=2,
                                        sort_keys=True) + "\n")

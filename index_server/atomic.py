@@ -1,4 +1,9 @@
-"""Directories that appear whole or not at all, and never replace what they should not.
+"""Files and directories that appear whole or not at all, and never replace what they should not.
+
+``atomic_write`` writes one file through a temporary sibling named with its owner (host
+and pid), fsyncs it, renames it into place and fsyncs the directory; ``exclusive`` links it
+instead, so the first of concurrent writers wins. ``remove_stale_temporaries`` removes the
+temporaries of writers on this host that died.
 
 ``atomic_output`` yields a scratch sibling directory that replaces the target only when the
 block succeeds, after everything in it is fsynced. The scratch directory carries its owner
@@ -21,6 +26,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+from .digest import HashingWriter
 
 _SCRATCH_TAG = ".tmp-"
 _OWNER_FILE = ".owner"
@@ -66,6 +74,41 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(directory))
+
+
+def atomic_write(path: Path, content: bytes | str | Callable[[BinaryIO], object], exclusive: bool = False) -> str:
+    """Write ``path`` whole or not at all; returns the sha256 of what was written.
+
+    ``content`` is the bytes (a str is UTF-8 encoded) or a function that writes them to a
+    binary file. The temporary is removed on any error. ``exclusive``: never replace an
+    existing ``path`` (``FileExistsError``; the first writer wins)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_SCRATCH_TAG}{owner_tag()}")
+    try:
+        with open(tmp, "wb") as f:
+            hashing = HashingWriter(f)
+            if callable(content):
+                content(hashing)
+            else:
+                hashing.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hashing.sha.hexdigest()
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """``atomic_write`` temporaries in ``directory`` of writers on this host that no longer
+    run; writers on other hosts sharing the directory keep theirs."""
+    for tmp in Path(directory).glob(f".*{_SCRATCH_TAG}*"):
+        if tmp.is_file() and tag_is_stale(tmp.name.rsplit(_SCRATCH_TAG, 1)[1]):
+            tmp.unlink(missing_ok=True)
 
 
 def remove_stale_scratch(output: Path) -> list[Path]:

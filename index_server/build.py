@@ -39,6 +39,7 @@ from .digest import HashingWriter, file_fingerprint
 from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
 from .encoder import EncoderConfig
 from .manifest import DOC_TABLE_NAME, FileInfo, Manifest, ShardInfo
+from .options import MAX_DEFAULT_NPROBE, NLIST_PER_NPROBE
 from .search import faiss_chatter_to_stderr
 
 VECTORS_NAME = "vectors.f16.npy"
@@ -73,11 +74,17 @@ def _metric_type(metric: str) -> int:
 
 
 def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
-    """``faiss.index_factory`` with an error message that names the bad string."""
+    """``faiss.index_factory`` with an error message that names the bad string. PQ codes skip
+    Faiss's polysemous training: it only reorders codewords for Hamming pre-filtering
+    (``polysemous_ht``), which no search here uses, and it is most of an IVF-PQ training's time."""
     try:
-        return faiss.index_factory(dim, factory, _metric_type(metric))
+        index = faiss.index_factory(dim, factory, _metric_type(metric))
     except RuntimeError as e:
         raise ValueError(f"invalid index factory string {factory!r} for dim {dim}: {e}") from e
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+    return index
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
@@ -88,9 +95,9 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists an IVF index probes unless told otherwise: 1/32 of them, at most 256 (Faiss's
-    own default of 1 gives poor recall)."""
-    return max(1, min(256, nlist // 32))
+    """Lists an IVF index probes unless told otherwise: 1/NLIST_PER_NPROBE of them, at most
+    MAX_DEFAULT_NPROBE (Faiss's own default of 1 gives poor recall)."""
+    return max(1, min(MAX_DEFAULT_NPROBE, nlist // NLIST_PER_NPROBE))
 
 
 def min_training_points(factory: str, index: faiss.Index) -> int:
@@ -222,8 +229,9 @@ class PartVectors:
         self.files = []
 
 
-class _HashingWriter:
-    """A new file of the index, hashed while written; ``close`` gives its ``FileInfo``."""
+class _IndexFile:
+    """A new file of the index, hashed while written (``digest.HashingWriter``); ``close``
+    gives its ``FileInfo``."""
 
     def __init__(self, path: Path):
         self.path, self.file = path, open(path, "wb")
@@ -239,7 +247,7 @@ class _HashingWriter:
 
 
 def _write_faiss(index: faiss.Index, path: Path) -> FileInfo:
-    writer = _HashingWriter(path)
+    writer = _IndexFile(path)
     faiss.write_index(index, faiss.PyCallbackIOWriter(writer))
     return writer.close()
 
@@ -249,7 +257,7 @@ class _NpyStream:
     never the whole array in memory, never mapped."""
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
-        self.writer = _HashingWriter(path)
+        self.writer = _IndexFile(path)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(self, header)
         self.dtype = np.dtype(dtype)

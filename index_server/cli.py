@@ -14,8 +14,7 @@ from pathlib import Path
 from .build import BuildConfig
 from .embed import STORE_DTYPES, EmbedConfig
 from .encoder import EncoderConfig
-from .options import IndexOptions
-from .search import REFINE_FACTOR
+from .options import NLIST_PER_NPROBE, REFINE_FACTOR, IndexOptions
 from .server import ServerConfig
 from .source_corpus import SourceCorpusConfig
 
@@ -33,8 +32,8 @@ def defaults(cls) -> dict:
     return out
 
 
-ENCODER, EMBED, BUILD, SERVER, OPTIONS, CORPUS = (defaults(c) for c in (EncoderConfig, EmbedConfig, BuildConfig,
-                                                                          ServerConfig, IndexOptions, SourceCorpusConfig))
+ENCODER, EMBED, BUILD, SERVER, OPTIONS, CORPUS = (
+    defaults(c) for c in (EncoderConfig, EmbedConfig, BuildConfig, ServerConfig, IndexOptions, SourceCorpusConfig))
 
 
 def _encoder(args: argparse.Namespace) -> EncoderConfig:
@@ -88,13 +87,14 @@ def _cmd_build(args: argparse.Namespace) -> None:
         args.factory, args.on_disk, args.refine = chosen.factory, chosen.on_disk, chosen.refine
     manifest = build_index(BuildConfig(
         output=args.out, corpus=tuple(args.corpus), embeddings=args.embeddings, encoder=_encoder(args),
-        factory=args.factory or BUILD["factory"], metric=args.metric, shards=args.shards, train_size=args.train_size, on_disk=args.on_disk,
-        store_vectors=args.refine, num_parts=args.num_parts, store_dtype=args.store_dtype, overwrite=args.overwrite,
-        device=args.device, progress=not args.quiet,
+        factory=args.factory or BUILD["factory"], metric=args.metric, shards=args.shards, train_size=args.train_size,
+        on_disk=args.on_disk, store_vectors=args.refine, num_parts=args.num_parts, store_dtype=args.store_dtype,
+        overwrite=args.overwrite, device=args.device, progress=not args.quiet,
     ))
     print(f"index {manifest.identity}: {manifest.n_vectors} vectors x {manifest.dim} dims, "
           f"{len(manifest.shards)} shard(s) of {manifest.factory!r}, metric {manifest.metric}"
-          + (", on-disk lists" if args.on_disk else "") + (", stored vectors for exact re-ranking" if args.refine else "")
+          + (", on-disk lists" if args.on_disk else "")
+          + (", stored vectors for exact re-ranking" if args.refine else "")
           + (f", {manifest.empty_documents} empty documents left out" if manifest.empty_documents else ""))
     print(f"written to {args.out}")
 
@@ -142,45 +142,51 @@ def _cmd_serve_all(args: argparse.Namespace) -> None:
     from .launcher import serve_all
 
     args.shards, args.port = None, 0
-    _server_config(args)  # refuse bad settings here, before starting any child
-    passed = []
-    for flag in ("host", "max_k", "max_batch", "max_message_mb", "workers", "token_file", "tls_cert", "tls_key",
-                 "nprobe", "ef_search", "refine_factor", "corpus_root"):
-        value = getattr(args, flag)
-        if value is not None:
-            passed += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.insecure:
-        passed.append("--insecure")
-    serve_all(args.index, args.base_port, passed, max_restarts=args.max_restarts)
+    serve_all(_server_config(args), args.base_port, max_restarts=args.max_restarts)
 
 
 def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", default=ENCODER["name_or_path"], help="HF encoder hub id or local path (default: %(default)s, bundled)")
-    p.add_argument("--max-tokens", type=int, default=ENCODER["max_tokens"], help="tokens of each document to embed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=ENCODER["batch_size"], help="documents per encoder batch (default: %(default)s)")
+    p.add_argument("--encoder", default=ENCODER["name_or_path"],
+                   help="HF encoder hub id or local path (default: %(default)s, bundled)")
+    p.add_argument("--max-tokens", type=int, default=ENCODER["max_tokens"],
+                   help="tokens of each document to embed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=ENCODER["batch_size"],
+                   help="documents per encoder batch (default: %(default)s)")
     p.add_argument("--device", default=EMBED["device"], help="torch device of the encoder (default: %(default)s)")
-    p.add_argument("--num-parts", type=int, help="cut the corpus into this many byte-range parts (default: one per 256 MiB)")
-    p.add_argument("--store-dtype", choices=STORE_DTYPES, default=EMBED["store_dtype"], help="dtype of the stored embeddings (default: %(default)s)")
+    p.add_argument("--num-parts", type=int,
+                   help="cut the corpus into this many byte-range parts (default: one per 256 MiB)")
+    p.add_argument("--store-dtype", choices=STORE_DTYPES, default=EMBED["store_dtype"],
+                   help="dtype of the stored embeddings (default: %(default)s)")
 
 
 def add_server_arguments(p: argparse.ArgumentParser, single: bool = True) -> None:
     p.add_argument("index", type=Path, help="index directory written by `ttt-index build`")
     if single:
         p.add_argument("--shards", type=int, nargs="+", help="shard numbers to serve (default: all)")
-        p.add_argument("--port", type=int, default=SERVER["port"], help="port; 0 picks a free one (default: %(default)s)")
+        p.add_argument("--port", type=int, default=SERVER["port"],
+                       help="port; 0 picks a free one (default: %(default)s)")
     else:
-        p.add_argument("--base-port", type=int, default=50051, help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
-        p.add_argument("--max-restarts", type=int, default=5, help="restarts of a shard server that dies (default: %(default)s)")
-    p.add_argument("--host", default=SERVER["host"], help="bind address (default: %(default)s, loopback only; others need --token-file or --insecure)")
+        p.add_argument("--base-port", type=int, default=50051,
+                       help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
+        p.add_argument("--max-restarts", type=int, default=5,
+                       help="restarts of a shard server that dies (default: %(default)s)")
+    p.add_argument("--host", default=SERVER["host"],
+                   help="bind address (default: %(default)s, loopback only; others need --token-file or --insecure)")
     p.add_argument("--max-k", type=int, default=SERVER["max_k"], help="largest k accepted (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=SERVER["max_batch"], help="most query vectors per request (default: %(default)s)")
-    p.add_argument("--max-message-mb", type=int, default=SERVER["max_message_bytes"] >> 20, help="gRPC message size limit in MiB (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=SERVER["workers"], help="request handler threads (default: %(default)s)")
-    p.add_argument("--nprobe", type=int, default=OPTIONS["nprobe"], help="IVF lists probed per query (default: the index's, nlist/32)")
+    p.add_argument("--max-batch", type=int, default=SERVER["max_batch"],
+                   help="most query vectors per request (default: %(default)s)")
+    p.add_argument("--max-message-mb", type=int, default=SERVER["max_message_bytes"] >> 20,
+                   help="gRPC message size limit in MiB (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=SERVER["workers"],
+                   help="request handler threads (default: %(default)s)")
+    p.add_argument("--nprobe", type=int, default=OPTIONS["nprobe"],
+                   help=f"IVF lists probed per query (default: the index's, nlist/{NLIST_PER_NPROBE})")
     p.add_argument("--ef-search", type=int, default=OPTIONS["ef_search"], help="HNSW efSearch")
-    p.add_argument("--refine-factor", type=int, default=OPTIONS["refine_factor"], help=f"--refine indexes: candidates per neighbour re-ranked exactly (default: {REFINE_FACTOR})")
+    p.add_argument("--refine-factor", type=int, default=OPTIONS["refine_factor"],
+                   help=f"--refine indexes: candidates per neighbour re-ranked exactly (default: {REFINE_FACTOR})")
     p.add_argument("--corpus-root", type=Path, help="directory holding the corpus files, if they moved since the build")
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send (must not be empty)")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding the bearer token clients must send (must not be empty)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a token")
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("default-corpus", help="write the bundled Pile-format corpus (CPython stdlib code + docs)",
                        description="Write stdlib_code.{index,test}.jsonl and python_docs.{index,test}.jsonl "
                                    "from the running Python installation, split ~90/10 by file.")
-    p.add_argument("--out", type=Path, default=DEFAULT_WORK_DIR / "corpus", help="output directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_WORK_DIR / "corpus",
+                   help="output directory (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_default_corpus)
 
@@ -214,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", help="keep only paths matching this glob (repeatable), e.g. '*.py'")
     p.add_argument("--exclude", action="append",
                    help=f"drop paths matching this glob (repeatable; always: {' '.join(CORPUS['exclude'])})")
-    p.add_argument("--min-bytes", type=int, default=CORPUS["min_bytes"], help="smallest file kept (default: %(default)s)")
-    p.add_argument("--max-bytes", type=int, default=CORPUS["max_bytes"], help="largest file kept (default: %(default)s)")
+    p.add_argument("--min-bytes", type=int, default=CORPUS["min_bytes"],
+                   help="smallest file kept (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=CORPUS["max_bytes"],
+                   help="largest file kept (default: %(default)s)")
     p.add_argument("--validation-fraction", type=float, default=CORPUS["validation_fraction"],
                    help="share of paths for validation (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=CORPUS["test_fraction"],
@@ -225,33 +234,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser("embed", help="embed a JSONL corpus into resumable parts (parallel: --part, or RANK/WORLD_SIZE)",
-                       description="Cut the corpus into byte-range parts, validate and embed each (first --max-tokens "
-                                   "tokens, masked mean pooling) and write it atomically. Finished parts are skipped, so "
-                                   "a killed run resumes. --part I embeds only part I (a Slurm array); under torchrun / "
-                                   "accelerate launch each rank takes parts RANK, RANK+WORLD_SIZE, ...")
-    p.add_argument("corpus", type=Path, nargs="+", help="Pile-format JSONL files ({\"text\": ..., \"meta\": ...} per line)")
+                       description="Cut the corpus into byte-range parts, validate and embed each (first "
+                                   "--max-tokens tokens, masked mean pooling) and write it atomically. Finished parts "
+                                   "are skipped, so a killed run resumes. --part I embeds only part I (a Slurm array); "
+                                   "under torchrun / accelerate launch each rank takes parts RANK, RANK+WORLD_SIZE, "
+                                   "...")
+    p.add_argument("corpus", type=Path, nargs="+",
+                   help="Pile-format JSONL files ({\"text\": ..., \"meta\": ...} per line)")
     p.add_argument("--out", type=Path, required=True, help="embeddings directory (shared by every job)")
     p.add_argument("--part", type=int, nargs="+", help="embed only these parts")
-    p.add_argument("--dtype", default=EMBED["dtype"], help="encoder arithmetic, e.g. float16 on a GPU (default: %(default)s)")
+    p.add_argument("--dtype", default=EMBED["dtype"],
+                   help="encoder arithmetic, e.g. float16 on a GPU (default: %(default)s)")
     add_encoder_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("build", help="build S Faiss shards plus a manifest, from a corpus or from embeddings",
-                       description="Embed every document (or read --embeddings), train the index once on a sample and "
-                                   "add vectors block by block into --shards shards built from an index_factory string.")
+                       description="Embed every document (or read --embeddings), train the index once on a sample "
+                                   "and add vectors block by block into --shards shards built from an index_factory "
+                                   "string.")
     p.add_argument("corpus", type=Path, nargs="*", help="Pile-format JSONL files (or use --embeddings)")
     p.add_argument("--embeddings", type=Path, help="directory written by `ttt-index embed` (all parts present)")
     p.add_argument("--out", type=Path, required=True, help="index directory to create")
     add_encoder_arguments(p)
-    p.add_argument("--factory", help=f"faiss index_factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (default: {BUILD['factory']})")
+    p.add_argument("--factory",
+                   help=f"faiss index_factory string, e.g. Flat, IVF4096,PQ64, HNSW32 (default: {BUILD['factory']})")
     p.add_argument("--metric", choices=("l2", "ip"), default=BUILD["metric"], help="distance (default: %(default)s)")
-    p.add_argument("--shards", type=int, default=BUILD["shards"], help="number of shards, contiguous id ranges (default: %(default)s)")
-    p.add_argument("--train-size", type=int, default=BUILD["train_size"], help="vectors sampled to train IVF/PQ (default: 64 per centroid)")
+    p.add_argument("--shards", type=int, default=BUILD["shards"],
+                   help="number of shards, contiguous id ranges (default: %(default)s)")
+    p.add_argument("--train-size", type=int, default=BUILD["train_size"],
+                   help="vectors sampled to train IVF/PQ (default: 64 per centroid)")
     p.add_argument("--on-disk", action="store_true", help="IVF inverted lists in an on-disk file per shard")
     p.add_argument("--refine", action="store_true", help="store float16 vectors and re-rank candidates exactly")
     p.add_argument("--max-memory", help="choose factory/--on-disk/--refine for this RAM budget (e.g. 64G; see `plan`)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index directory (only one built by ttt-index)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index directory (only one built by ttt-index)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_build)
 
@@ -266,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print an index manifest; --verify checks files against it")
     p.add_argument("index", type=Path)
-    p.add_argument("--verify", action="store_true", help="quick check: sizes and sampled hashes of every corpus and index file")
+    p.add_argument("--verify", action="store_true",
+                   help="quick check: sizes and sampled hashes of every corpus and index file")
     p.add_argument("--full", action="store_true", help="re-hash every corpus and index file")
     p.add_argument("--corpus-root", type=Path, help="directory holding the corpus files, if they moved since the build")
     p.set_defaults(func=_cmd_info)

@@ -1,24 +1,25 @@
 """Fan-out gRPC client: one persistent channel per server, exact global top-k.
 
-``GrpcIndex`` has the in-process ``LocalIndex``'s surface (``manifest``, ``search``,
-``texts``, ``vectors``, ``close``), as faiss ``contrib/client_server.ClientIndex`` mirrors a
-local index; ``options.open_index`` builds either from one spec. Every server's manifest
-identity is checked and the live servers' shard ranges must tile the index. Queries go to
-all servers in parallel with a deadline. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
-are retried with backoff; a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...) is not.
+``GrpcIndex`` is a ``KnnIndex`` (``index.py``), with the in-process ``LocalIndex``'s surface.
+Every server's manifest identity is checked and the live servers' shard ranges must tile
+the index. Queries go to all servers in parallel with a deadline. Retries are gRPC's own
+(the channel's service config): a call that fails UNAVAILABLE is retried with exponential
+backoff within its deadline; a refusal (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, a wrong
+token) and a missed deadline are not.
 
 Search settings (nprobe, efSearch, refine factor) are resolved at connect time (this client's,
 else the servers' defaults) and travel with every request, so ``knobs`` is what every answer
 used. Batches are split to fit the servers' batch and message limits. Failure policy ``fail``
-raises, naming the server. ``degrade`` answers from the live
-servers and reports the missing shards with every result (searches and text fetches
-alike); it starts even while some servers are down, and a server that just failed is
-skipped without waiting for retries until ``DEAD_COOLDOWN_S`` has passed, when one call
-probes it again (a server that comes back is checked before it is used).
+raises, naming the server. ``degrade`` answers from the live servers and reports the missing
+shards with every result (searches and text fetches alike); it starts even while some
+servers are down, and a server that just failed is skipped without paying for retries until
+``DEAD_COOLDOWN_S`` has passed, when one call probes it again (a server that comes back is
+checked before it is used).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +31,35 @@ from ._proto import knn_pb2, knn_pb2_grpc
 from .manifest import Manifest, ManifestMismatchError
 from .options import IndexOptions
 from .search import SearchKnobs, SearchResult, check_queries, knobs_of, merge_topk
-from .server import TOKEN_METADATA_KEY
-from .wire import DEFAULT_MAX_MESSAGE_BYTES, ID_DTYPE, MESSAGE_OVERHEAD, VECTOR_DTYPE, pack, search_answer_bytes, unpack
+from .wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ID_DTYPE,
+    MESSAGE_OVERHEAD,
+    SERVICE_NAME,
+    TOKEN_METADATA_KEY,
+    VECTOR_DTYPE,
+    pack,
+    search_answer_bytes,
+    unpack,
+)
 
+# A server that answers with these is down or too slow (degrade mode skips it); any other
+# status is a refusal of the request itself and never degrades a result.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 DEAD_COOLDOWN_S = 5.0
+MAX_BACKOFF_S = 2.0
+
+
+def service_config(options: IndexOptions) -> str:
+    """The channel's gRPC service config: UNAVAILABLE retried ``options.retries`` times with
+    exponential backoff from ``options.backoff_s`` (gRPC draws each delay at random up to
+    the current backoff); nothing else is retried."""
+    if not options.retries:
+        return json.dumps({})
+    policy = {"maxAttempts": options.retries + 1, "initialBackoff": f"{max(options.backoff_s, 1e-3):.3f}s",
+              "maxBackoff": f"{max(MAX_BACKOFF_S, options.backoff_s):.3f}s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["UNAVAILABLE"]}
+    return json.dumps({"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]})
 
 
 class ShardUnavailableError(RuntimeError):
@@ -79,6 +104,11 @@ class _Server:
             # Own connections per client: gRPC otherwise shares them process-wide, and a new
             # client would inherit another's backoff from a server that has since come back.
             ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(options)),
+            # retried requests are buffered whole: room for the largest message we send
+            ("grpc.per_rpc_retry_buffer_size", DEFAULT_MAX_MESSAGE_BYTES),
+            ("grpc.retry_buffer_size", 4 * DEFAULT_MAX_MESSAGE_BYTES),
         ]
         if options.tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(options.tls_ca).read_bytes())
@@ -161,7 +191,8 @@ class GrpcIndex:
         missing = sorted({w[0] for w in wanted} - {s[0] for s in served})
         if missing and not (self.options.failure_policy == "degrade" and any(s.info is None for s in self.servers)):
             raise ManifestMismatchError(
-                f"servers {[s.address for s in self.servers]} do not cover the index exactly: missing shards {missing}, "
+                f"servers {[s.address for s in self.servers]} do not cover the index exactly: missing shards "
+                f"{missing}, "
                 f"served {[s[0] for s in served]}"
             )
 
@@ -181,26 +212,20 @@ class GrpcIndex:
         server.dead_until = 0.0 if ok else time.monotonic() + DEAD_COOLDOWN_S
 
     # -- calls ----------------------------------------------------------------------------
-    def _call(self, server: _Server, method: str, request, retries: int | None = None):
-        """Unary call with deadline and retries; raises ShardUnavailableError naming the server."""
-        delay = self.options.backoff_s
-        retries = self.options.retries if retries is None else retries
-        for attempt in range(retries + 1):
-            try:
-                return getattr(server.stub, method)(request, timeout=self.options.timeout_s, metadata=self._metadata)
-            except grpc.RpcError as e:
-                if e.code() in _TRANSIENT and attempt < retries:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                raise _unavailable(server, method, e) from e
+    def _call(self, server: _Server, method: str, request):
+        """Unary call with deadline (the channel retries UNAVAILABLE); raises
+        ShardUnavailableError naming the server."""
+        try:
+            return getattr(server.stub, method)(request, timeout=self.options.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _unavailable(server, method, e) from e
 
     def _revive(self, server: _Server) -> bool:
         """A server that was down at connect time: fetch and check its Info before use."""
         if server.info is not None:
             return True
         try:
-            server.info = self._call(server, "Info", knn_pb2.InfoRequest(), retries=0)
+            server.info = self._call(server, "Info", knn_pb2.InfoRequest())
         except ShardUnavailableError as e:
             if not e.transient:
                 raise
@@ -211,8 +236,8 @@ class GrpcIndex:
         return True
 
     def _fan_out(self, method: str, requests: dict[int, object]) -> tuple[dict[int, object], dict[int, Exception]]:
-        """Send requests[i] to servers[i] concurrently (gRPC futures), retrying transient errors
-        once per server; servers known to be down (degrade mode) fail at once."""
+        """Send requests[i] to servers[i] concurrently (gRPC futures, retried by the channel);
+        servers known to be down (degrade mode) fail at once."""
         answers, errors, pending = {}, {}, {}
         for i, request in requests.items():
             server = self.servers[i]
@@ -229,12 +254,7 @@ class GrpcIndex:
             except grpc.RpcError as e:
                 if e.code() not in _TRANSIENT:  # a refusal (bad request, too large, wrong token): never degraded
                     raise _unavailable(server, method, e) from e
-                try:
-                    if not self.options.retries:
-                        raise _unavailable(server, method, e) from e
-                    answers[i] = self._call(server, method, requests[i], retries=self.options.retries - 1)
-                except ShardUnavailableError as final:
-                    errors[i] = final
+                errors[i] = _unavailable(server, method, e)
             self._mark(server, i in answers)
         if errors and (self.options.failure_policy == "fail" or not answers):
             raise next(iter(errors.values()))
@@ -304,7 +324,8 @@ class GrpcIndex:
         """Texts for ids in the given order, each from the server that owns it; in degrade
         mode None for ids whose shard is down."""
         found = self._fetch(
-            "FetchTexts", ids, lambda group: knn_pb2.FetchTextsRequest(ids=group, index_identity=self.manifest.identity),
+            "FetchTexts", ids, lambda group: knn_pb2.FetchTextsRequest(ids=group,
+                                                                       index_identity=self.manifest.identity),
             lambda answer, n: list(answer.texts))
         return [found.get(int(doc_id)) for doc_id in ids]
 

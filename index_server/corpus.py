@@ -3,8 +3,9 @@
 A corpus is one or more JSONL files, one document per line: ``{"text": ..., "meta": {...}}``.
 The store never holds the texts in memory: the embedding step (``embed.scan_part``)
 validates every line once with ``check_line`` and records a table of ``(file, line, byte
-offset, byte length)`` per document; texts are then read with ``os.pread`` at those offsets. The reference code loaded a 43 GB JSONL per shard into a
-Python dict; this keeps memory at 28 bytes per document.
+offset, byte length)`` per document; texts are then read with ``os.pread`` at those offsets,
+so memory stays at ``DOC_TABLE_DTYPE.itemsize`` bytes per document whatever the corpus
+size.
 
 Why ``pread`` and not a memory map: a mapped file that is truncated or rewritten while a
 server reads it kills the process with SIGBUS. Each read here first compares the file's
@@ -54,6 +55,11 @@ class CorpusChangedError(RuntimeError):
     """The corpus on disk no longer matches the manifest of the index built from it."""
 
 
+def resolve(path: str, root: Path | None) -> Path:
+    """Where a corpus path recorded relative to the corpus root lies on this machine."""
+    return Path(path) if root is None else Path(root) / path
+
+
 @dataclass(frozen=True)
 class CorpusFile:
     """Identity of one corpus file as recorded in an index manifest.
@@ -72,7 +78,7 @@ class CorpusFile:
         object.__setattr__(self, "chunks", tuple(self.chunks))
 
     def resolve(self, root: Path | None) -> Path:
-        return Path(self.path) if root is None else Path(root) / self.path
+        return resolve(self.path, root)
 
     def check(self, root: Path | None, full: bool = False) -> None:
         """Raise ``CorpusChangedError`` if the file on disk is not the one that was indexed.
@@ -178,19 +184,23 @@ class _OpenFile:
 
 class CorpusStore:
     """Random access to document texts through byte offsets into JSONL files. Every file is
-    opened (and its size checked) up front; reads are thread-safe ``pread`` calls."""
+    opened (and its size checked) up front; reads are thread-safe ``pread`` calls.
+
+    ``files`` are a manifest's ``CorpusFile`` entries or an embedding run's source files:
+    whatever records a ``path`` relative to ``root`` and a ``size``; ``table`` is the
+    document table (``DOC_TABLE_DTYPE`` rows) of the documents it reads."""
 
     def __init__(self, files: Sequence[CorpusFile], table: np.ndarray, root: Path | None):
         self.files = list(files)
         self.table = table
         self.root = root
-        self._open = [_OpenFile(f.resolve(root), f.size) for f in self.files]
+        self._open = [_OpenFile(resolve(f.path, root), f.size) for f in self.files]
 
     def __len__(self) -> int:
         return len(self.table)
 
     def path(self, file_idx: int) -> Path:
-        return self.files[file_idx].resolve(self.root)
+        return resolve(self.files[file_idx].path, self.root)
 
     def byte_length(self, doc_ids: Sequence[int]) -> int:
         """Bytes the given documents occupy on disk, known without reading them."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
+
 TEST_FRACTION_PERCENT = 10
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "lib-dynload", "__pycache__"}
 
@@ -57,26 +59,18 @@ def _record(text: str, set_name: str, **meta: str) -> str:
 
 
 def _write_split(out_dir: Path, subset: str, items: Iterator[tuple[str, str | None]]) -> SubsetStats:
-    """Write ``<subset>.index.jsonl`` and ``<subset>.test.jsonl`` from (key, record) pairs.
-
-    A ``None`` record marks a skipped source. Files are written as ``.part`` and renamed
-    at the end so an interrupted run never leaves a half corpus under the final names.
-    """
+    """Write ``<subset>.index.jsonl`` and ``<subset>.test.jsonl`` from (key, record) pairs,
+    each whole or not at all. A ``None`` record marks a skipped source."""
     stats = SubsetStats()
-    with open(out_dir / f"{subset}.index.jsonl.part", "w", encoding="utf-8") as index_f, open(
-        out_dir / f"{subset}.test.jsonl.part", "w", encoding="utf-8"
-    ) as test_f:
-        for key, record in items:
-            if record is None:
-                stats.skipped.append(key)
-            elif is_held_out(key):
-                test_f.write(record)
-                stats.test += 1
-            else:
-                index_f.write(record)
-                stats.index += 1
-    for part in ("index", "test"):
-        (out_dir / f"{subset}.{part}.jsonl.part").replace(out_dir / f"{subset}.{part}.jsonl")
+    parts: dict[str, list[str]] = {"index": [], "test": []}
+    for key, record in items:
+        if record is None:
+            stats.skipped.append(key)
+        else:
+            parts["test" if is_held_out(key) else "index"].append(record)
+    stats.index, stats.test = len(parts["index"]), len(parts["test"])
+    for part, records in parts.items():
+        atomic_write(out_dir / f"{subset}.{part}.jsonl", "".join(records))
     return stats
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import DOC_TABLE_DTYPE, CorpusFormatError, check_line, corpus_root_of, refuse_compressed
-from .atomic import fsync_dir, owner_tag, tag_is_stale
-from .digest import HashingWriter, file_fingerprint
+from .atomic import atomic_write, remove_stale_temporaries
+from .corpus import DOC_TABLE_DTYPE, CorpusFormatError, CorpusStore, check_line, corpus_root_of, refuse_compressed
+from .digest import file_fingerprint
 from .encoder import EncoderConfig
 
 EMBEDDINGS_NAME = "embeddings.json"
@@ -223,59 +223,14 @@ def scan_part(layout: EmbeddingsLayout, index: int) -> ScannedPart:
     return ScannedPart(meta, table)
 
 
-def _read_texts(root: Path, layout: EmbeddingsLayout, table: np.ndarray, rows: np.ndarray) -> list[str]:
-    texts = []
-    handles: dict[int, int] = {}
-    try:
-        for row in table[rows]:
-            file_idx = int(row["file"])
-            fd = handles.get(file_idx)
-            if fd is None:
-                fd = handles[file_idx] = os.open(root / layout.files[file_idx].path, os.O_RDONLY)
-            texts.append(json.loads(os.pread(fd, int(row["length"]), int(row["offset"])))["text"])
-    finally:
-        for fd in handles.values():
-            os.close(fd)
-    return texts
-
-
-_TMP = ".tmp-"
-
-
-def _write_atomic(path: Path, write) -> str:
-    """Write through a temporary sibling (named with this host and pid), fsync, rename into
-    place. Returns the sha256 of what was written."""
-    tmp = path.with_name(f".{path.name}{_TMP}{owner_tag()}")
-    try:
-        with open(tmp, "wb") as f:
-            hashing = HashingWriter(f)
-            write(hashing)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return hashing.sha.hexdigest()
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporaries of jobs on this host that were killed (their pid no longer runs); jobs on
-    other hosts sharing ``out`` keep theirs."""
-    for tmp in out.glob(f".*{_TMP}*"):
-        if tag_is_stale(tmp.name.rsplit(_TMP, 1)[1]):
-            tmp.unlink(missing_ok=True)
-
-
 def write_part(out: Path, part: ScannedPart, vectors: np.ndarray) -> None:
     """Write one part; its ``.json`` goes last, so a part is done exactly when that exists."""
     name = part_name(part.meta.index)
     part.meta.sha256 = {
-        "npy": _write_atomic(out / f"{name}.npy", lambda f: np.save(f, vectors)),
-        "docs": _write_atomic(out / f"{name}.docs.npy", lambda f: np.save(f, part.table)),
+        "npy": atomic_write(out / f"{name}.npy", lambda f: np.save(f, vectors)),
+        "docs": atomic_write(out / f"{name}.docs.npy", lambda f: np.save(f, part.table)),
     }
-    _write_atomic(out / f"{name}.json", lambda f: f.write(json.dumps(asdict(part.meta), indent=1).encode()))
+    atomic_write(out / f"{name}.json", json.dumps(asdict(part.meta), indent=1))
 
 
 def part_done(out: Path, index: int) -> bool:
@@ -287,13 +242,15 @@ def embed_part(encoder, layout: EmbeddingsLayout, part: ScannedPart, progress=No
     """Vectors of a part's documents, embedded in length-sorted batches (padding kept small)."""
     out = np.empty((part.meta.n_docs, layout.dim), dtype=layout.dtype)
     order = np.argsort(part.table["length"], kind="stable")
-    root = Path(layout.corpus_root)
-    for start in range(0, len(order), block):
-        rows = order[start : start + block]
-        texts = _read_texts(root, layout, part.table, rows)
-        out[rows] = encoder.encode([encoder.clip(t) for t in texts])
-        if progress is not None:
-            progress.update(len(rows))
+    store = CorpusStore(layout.files, part.table, Path(layout.corpus_root))
+    try:
+        for start in range(0, len(order), block):
+            rows = order[start : start + block]
+            out[rows] = encoder.encode([encoder.clip(t) for t in store.texts(rows)])
+            if progress is not None:
+                progress.update(len(rows))
+    finally:
+        store.close()
     return out
 
 
@@ -302,18 +259,10 @@ def write_layout(out: Path, layout: EmbeddingsLayout) -> None:
     file exists) and check that ours agrees with it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / EMBEDDINGS_NAME
-    tmp = out / f".{EMBEDDINGS_NAME}{_TMP}{owner_tag()}"
-    with open(tmp, "w") as f:
-        f.write(layout.to_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     try:
-        os.link(tmp, path)
-        fsync_dir(out)
+        atomic_write(path, layout.to_json() + "\n", exclusive=True)
     except FileExistsError:
         pass
-    finally:
-        tmp.unlink()
     existing = EmbeddingsLayout.load(out)
     if existing != layout:
         differs = [k for k in asdict(layout) if asdict(layout)[k] != asdict(existing)[k]]
@@ -326,7 +275,8 @@ def parts_for_job(num_parts: int, part: Sequence[int] | None, rank: int | None, 
     if part:
         bad = [p for p in part if not 0 <= p < num_parts]
         if bad:
-            raise ValueError(f"--part {bad[0]} out of range: the corpus is cut into {num_parts} parts (0..{num_parts - 1})")
+            raise ValueError(f"--part {bad[0]} out of range: the corpus is cut into {num_parts} parts "
+                             f"(0..{num_parts - 1})")
         return sorted(set(part))
     if world and world > 1:
         return list(range(rank, num_parts, world))

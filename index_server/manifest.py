@@ -150,7 +150,8 @@ class Manifest:
         index_files = [self.doc_table] + ([self.vectors] if self.vectors else [])
         index_files += [f for shard in self.shards for f in shard.files()]
         for info in index_files:
-            if not isinstance(info.file, str) or not info.file or info.file != PurePosixPath(info.file).name or info.file in (".", ".."):
+            name = info.file
+            if not isinstance(name, str) or not name or name != PurePosixPath(name).name or name in (".", ".."):
                 raise ManifestMismatchError(f"{source}: index file {info.file!r} is not a plain file name inside "
                                             f"the index directory")
         for corpus_file in self.corpus:

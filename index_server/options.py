@@ -1,10 +1,8 @@
-"""How to open an index: one spec string plus every option, with their defaults in one place.
+"""How to open an index: every option, with its default, in one place (``IndexOptions``).
 
-``open_index(spec, options)`` returns an object with the in-process index's surface
-(``manifest``, ``search``, ``texts``, ``vectors``, ``close``) whether ``spec`` is an index
-directory or ``grpc://host:port+host:port`` shard servers, the way faiss's
-``contrib/client_server.ClientIndex`` mirrors a local index. Callers (the harness models,
-the CLI, benchmarks) build no client themselves, so no option is lost on the way.
+A leaf of data: it imports nothing else of the package, so every backend, the CLI and the
+harness's settings can derive their defaults and help texts from it. ``index.open_index``
+takes these options.
 """
 
 from __future__ import annotations
@@ -17,12 +15,16 @@ from typing import Literal
 TOKEN_ENV = "TTT_NN_INDEX_TOKEN"
 GRPC_PREFIX = "grpc://"
 MAX_K = 4096  # largest k a search accepts, in process and (by default) from a server
+REFINE_FACTOR = 4  # approximate candidates per neighbour re-ranked exactly, unless a caller says
+NLIST_PER_NPROBE = 32  # an IVF index built here probes 1/32 of its lists unless told otherwise
+MAX_DEFAULT_NPROBE = 256
+MAX_RETRIES = 4  # gRPC's retry policy allows at most 5 attempts per call
 
 
 @dataclass(frozen=True)
 class IndexOptions:
-    timeout_s: float = 30.0  # deadline of each gRPC call
-    retries: int = 2  # extra attempts on transient gRPC errors
+    timeout_s: float = 30.0  # deadline of each gRPC call, its retries included
+    retries: int = 2  # extra attempts of a call that failed UNAVAILABLE (gRPC's own retry policy)
     backoff_s: float = 0.2  # first retry delay, doubled each time
     failure_policy: Literal["fail", "degrade"] = "fail"
     token_file: Path | None = None  # bearer token of the servers; else $TTT_NN_INDEX_TOKEN
@@ -41,9 +43,9 @@ class IndexOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ValueError(f"timeout_s must be positive and retries, backoff_s not negative; got "
-                             f"{self.timeout_s}, {self.retries}, {self.backoff_s}")
+        if self.timeout_s <= 0 or not 0 <= self.retries <= MAX_RETRIES or self.backoff_s < 0:
+            raise ValueError(f"timeout_s must be positive, retries in [0, {MAX_RETRIES}] and backoff_s not negative; "
+                             f"got {self.timeout_s}, {self.retries}, {self.backoff_s}")
 
     def token(self) -> str | None:
         """The bearer token from ``token_file`` or the environment; an empty one is an error."""
@@ -57,7 +59,7 @@ class IndexOptions:
 
 def read_token_file(path: Path) -> str:
     """A bearer token file's content, stripped; empty or whitespace-only files are refused
-    (they used to turn authentication off without a word)."""
+    (an empty token would turn authentication off without a word)."""
     try:
         token = Path(path).read_text().strip()
     except OSError as e:
@@ -65,18 +67,3 @@ def read_token_file(path: Path) -> str:
     if not token:
         raise ValueError(f"{path}: token file is empty")
     return token
-
-
-def is_remote(spec: str) -> bool:
-    return str(spec).startswith(GRPC_PREFIX)
-
-
-def open_index(spec: str | Path, options: IndexOptions = IndexOptions()):
-    """An index directory -> ``LocalIndex``; ``grpc://h:p+h:p`` -> ``GrpcIndex``."""
-    if is_remote(str(spec)):
-        from .client import GrpcIndex, parse_addresses
-
-        return GrpcIndex(parse_addresses(str(spec)), options)
-    from .search import LocalIndex
-
-    return LocalIndex(spec, options)

@@ -8,7 +8,7 @@ rounded to a power of two, at most 65536: Faiss's guideline) with ``Flat``, ``SQ
 Bytes per vector in RAM: the code plus an 8-byte id (Flat: 4d and no ids), plus the coarse
 quantizer (nlist x d x 4 bytes) once; on-disk lists keep only the quantizer resident and read
 list pages through the page cache. On disk: codes and ids, plus 2d bytes with ``--refine``,
-plus the 32-byte document table entry. Expected recall@20 comes from our own measurements
+plus the document table entry (``DOC_TABLE_DTYPE``). Expected recall@20 comes from our own measurements
 (``benchmarks/bench_scale.py`` writes ``measured_recall.json`` next to this file), keyed by
 code family and bytes per dimension.
 
@@ -27,9 +27,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .corpus import DOC_TABLE_DTYPE
+
 MEASURED = Path(__file__).with_name("measured_recall.json")
 HEADROOM = 0.8
-DOC_TABLE_BYTES = 28  # corpus.DOC_TABLE_DTYPE
+DOC_TABLE_BYTES = DOC_TABLE_DTYPE.itemsize
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 10**9}
 _BYTES = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 

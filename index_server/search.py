@@ -32,13 +32,10 @@ import numpy as np
 
 from .corpus import CorpusStore
 from .manifest import Manifest, ShardInfo
-from .options import IndexOptions
+from .options import REFINE_FACTOR, IndexOptions
 
 # Index types whose stored codes are the vectors themselves (reconstruction is exact).
 _EXACT_STORAGE = (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
-
-
-REFINE_FACTOR = 4  # approximate candidates per neighbour re-ranked exactly, unless a caller says
 
 
 @dataclass(frozen=True)
@@ -242,10 +239,9 @@ def vectors_from(searchers: Sequence[ShardSearcher], stored: np.ndarray | None, 
 
 
 class LocalIndex:
-    """All shards of an index in this process: exact global top-k plus texts and vectors.
-
-    The default, serverless backend. Opening verifies the manifest against the files.
-    """
+    """All shards of an index in this process: exact global top-k plus texts and vectors
+    (a ``KnnIndex``). The default, serverless backend; opening verifies the manifest
+    against the files."""
 
     def __init__(self, index_dir: Path | str, options: IndexOptions = IndexOptions()):
         self.index_dir = Path(index_dir)

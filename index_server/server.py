@@ -1,23 +1,26 @@
 """gRPC shard server: serves one or more shards of an index.
 
-Unlike the reference (pickled objects over ``multiprocessing.connection`` with a hard-coded
-key, full texts of every local top-k sent back), a shard answers ids and distances only,
-texts are fetched for the final k, requests are bounded (k, batch, ids, answer size) and
-checked *before* any work (a FetchTexts answer's size is known from the document table
-before a byte of text is read), optional TLS and a bearer token protect the port (compared
-in constant time; an empty token file is an error, and a non-loopback address without a
-token needs ``--insecure``), and SIGTERM drains in-flight requests before exit.
+A shard answers ids and distances only, texts are fetched for the final k, requests are
+bounded (k, batch, ids, answer size) and checked *before* any work (a FetchTexts answer's
+size is known from the document table before a byte of text is read), optional TLS and a
+bearer token protect the port (compared in constant time; an empty token file is an error,
+and a non-loopback address without a token needs ``--insecure``), and SIGTERM drains
+in-flight requests before exit.
 
 The servicer is ``KnnShardServicer``; ``serve()`` runs it until a signal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
+import json
 import signal
 import sys
 import threading
+import types
+import typing
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +33,30 @@ from ._proto import knn_pb2, knn_pb2_grpc
 from .corpus import CorpusChangedError
 from .manifest import Manifest
 from .options import MAX_K, IndexOptions
-from .search import (QueryError, SearchKnobs, ShardSearcher, check_queries, index_defaults, knobs_of, merge_topk,
-                     open_corpus, open_stored_vectors, owned_mask, vectors_from)
-from .wire import (DEFAULT_MAX_MESSAGE_BYTES, ID_DTYPE, MESSAGE_OVERHEAD, VECTOR_DTYPE, pack, search_answer_bytes,
-                   unpack)
-
-SERVICE_NAME = "tttnn.knn.v1.KnnShard"
-TOKEN_METADATA_KEY = "authorization"
+from .search import (
+    QueryError,
+    SearchKnobs,
+    ShardSearcher,
+    check_queries,
+    index_defaults,
+    knobs_of,
+    merge_topk,
+    open_corpus,
+    open_stored_vectors,
+    owned_mask,
+    vectors_from,
+)
+from .wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ID_DTYPE,
+    MESSAGE_OVERHEAD,
+    SERVICE_NAME,
+    TOKEN_METADATA_KEY,
+    VECTOR_DTYPE,
+    pack,
+    search_answer_bytes,
+    unpack,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,39 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_message_bytes <= MESSAGE_OVERHEAD:
             raise ValueError(f"max_message_bytes must exceed {MESSAGE_OVERHEAD}, got {self.max_message_bytes}")
+
+    def to_json(self) -> str:
+        """Every field, so a server started from it (``launcher``) has this configuration whole;
+        it holds the token, so it travels on a pipe, never on a command line."""
+        return json.dumps(_plain(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        return _typed(cls, json.loads(text))
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _typed(annotation, value):
+    """``value`` (from ``_plain``) back as ``annotation``: dataclasses, paths, tuples, optionals."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(annotation):
+        hints = typing.get_type_hints(annotation)
+        return annotation(**{name: _typed(hints[name], v) for name, v in value.items()})
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (member,) = (a for a in typing.get_args(annotation) if a is not type(None))
+        return _typed(member, value)
+    if origin is tuple:
+        return tuple(_typed(typing.get_args(annotation)[0], v) for v in value)
+    return Path(value) if annotation is Path else value
 
 
 def is_loopback(host: str) -> bool:
@@ -160,7 +213,8 @@ class KnnShardServicer(knn_pb2_grpc.KnnShardServicer):
         return knn_pb2.InfoResponse(
             index_identity=self.manifest.identity,
             manifest_json=self.manifest.to_json(),
-            shards=[knn_pb2.ShardRange(index=s.shard.index, start=s.shard.start, end=s.shard.end) for s in self.searchers],
+            shards=[knn_pb2.ShardRange(index=s.shard.index, start=s.shard.start,
+                                       end=s.shard.end) for s in self.searchers],
             n_vectors=sum(s.shard.count for s in self.searchers),
             dim=self.manifest.dim,
             max_k=self.config.max_k,
@@ -200,13 +254,15 @@ def start_server(config: ServerConfig) -> tuple[grpc.Server, int, KnnShardServic
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
     interceptors = [_TokenInterceptor(config.token)] if config.token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options, interceptors=interceptors)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options,
+                         interceptors=interceptors)
     knn_pb2_grpc.add_KnnShardServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
     if config.tls_cert:
-        credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                    Path(config.tls_cert).read_bytes())])
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)

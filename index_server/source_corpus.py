@@ -58,6 +58,7 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz
 _ZIP_SUFFIXES = (".whl", ".zip", ".egg")
 _SPDX = re.compile(rb"SPDX-License-Identifier:\s*([^\r\n]*)")
 _SPDX_HEAD_BYTES = 4096
+_METADATA_FILE = re.compile(r"[^/]+\.dist-info/METADATA|[^/]+/PKG-INFO|PKG-INFO")
 _LICENCE_FILE = re.compile(r"(?:COPYING|LICEN[CS]E)(?:\.[A-Za-z]+)?")
 # Skip reasons, in the order the summary lists them.
 BINARY, NOT_UTF8, UNREADABLE, EMPTY, TOO_SMALL, TOO_LARGE, EXCLUDED, DUPLICATE, NOT_A_FILE = (
@@ -136,7 +137,8 @@ def declared_license(metadata) -> str | None:
     text = (metadata.get("License") or "").strip()
     if text and "\n" not in text and len(text) <= 100 and text.upper() != "UNKNOWN":
         return text
-    classifiers = [c.split("::")[-1].strip() for c in metadata.get_all("Classifier") or [] if c.startswith("License ::")]
+    classifiers = [c.split("::")[-1].strip() for c in metadata.get_all("Classifier") or []
+                   if c.startswith("License ::")]
     return "; ".join(classifiers) or None
 
 
@@ -196,8 +198,7 @@ def directory_source(path: Path) -> Source:
 def zip_source(path: Path) -> Source:
     with zipfile.ZipFile(path) as z:
         infos = sorted((i for i in z.infolist() if not i.is_dir()), key=lambda i: i.filename)
-        meta_names = sorted(n.filename for n in infos if re.fullmatch(r"[^/]+\.dist-info/METADATA|[^/]+/PKG-INFO|PKG-INFO",
-                                                                      n.filename))
+        meta_names = sorted(i.filename for i in infos if _METADATA_FILE.fullmatch(i.filename))
         metadata = _parse_metadata(z.read(meta_names[0])) if meta_names else None
         root = _strip_common_root([i.filename for i in infos]) if not path.name.endswith(".whl") else ""
         tree = next(filter(None, (file_license(z.read(i)) for i in infos

@@ -1,4 +1,5 @@
-"""Array <-> bytes conversions of the gRPC messages, shared by server and client.
+"""What server and client agree on besides the .proto: the service name, the token's
+metadata key, message limits, and array <-> bytes conversions of the messages.
 
 Everything is little-endian and row-major so the format does not depend on the host.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+SERVICE_NAME = "tttnn.knn.v1.KnnShard"  # as proto/knn.proto declares it
+TOKEN_METADATA_KEY = "authorization"  # metadata that carries "Bearer <token>"
 VECTOR_DTYPE = np.dtype("<f4")
 ID_DTYPE = np.dtype("<i8")
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20

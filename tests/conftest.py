@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -131,13 +132,42 @@ def requests(texts):
     return [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
 
 
-def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat", max_tokens: int = 32, **kw) -> Path:
+_EMBEDDED: dict[tuple, Path] = {}
+
+
+def build_small(corpus: Path, out: Path, shards: int = 1, factory: str = "Flat", max_tokens: int = 32,
+                num_parts: int | None = None, **kw) -> Path:
+    """An index over ``corpus`` with the real encoder, embedded once per corpus file (as it is
+    on disk) and encoder setting, then built from those embeddings with the given layout (a
+    build from embeddings equals the build from the corpus: test_scale checks it)."""
     from index_server.build import BuildConfig, build_index
+    from index_server.embed import EmbedConfig, run_embed
     from index_server.encoder import EncoderConfig
 
-    build_index(BuildConfig(output=out, corpus=(corpus,), shards=shards, factory=factory,
-                            encoder=EncoderConfig(max_tokens=max_tokens, batch_size=64), progress=False, **kw))
+    stat = Path(corpus).stat()
+    key = (str(Path(corpus).resolve()), stat.st_size, stat.st_mtime_ns, max_tokens, num_parts)
+    if key not in _EMBEDDED:
+        embeddings = Path(os.environ["TTT_NN_HOME"]) / "test-embeddings" / str(len(_EMBEDDED))
+        run_embed(EmbedConfig(corpus=(Path(corpus),), output=embeddings, num_parts=num_parts, progress=False,
+                              encoder=EncoderConfig(max_tokens=max_tokens, batch_size=64)))
+        _EMBEDDED[key] = embeddings
+    build_index(BuildConfig(output=out, embeddings=_EMBEDDED[key], shards=shards, factory=factory, progress=False,
+                            **kw))
     return out
+
+
+def cli(capsys, command: str, *args: str, check: bool = True) -> SimpleNamespace:
+    """A console script's ``main`` run in this process (no interpreter start-up): its exit
+    code and what it printed, like ``run``'s result."""
+    from index_server.cli import main as ttt_index
+    from lm_eval_ttt.cli import main as ttt_nn
+
+    capsys.readouterr()
+    code = {"ttt-index": ttt_index, "ttt-nn": ttt_nn}[command](list(args))
+    out, err = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"{command} {' '.join(args)} exited {code}\n{out[-3000:]}\n{err[-5000:]}")
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def make_lm(cls, tmp_path: Path, tiny_lm: Path, index: Path | str | None, **kw):
@@ -152,6 +182,45 @@ def make_lm(cls, tmp_path: Path, tiny_lm: Path, index: Path | str | None, **kw):
             args["index"] = str(index)
     args.update(kw)
     return cls(**args)
+
+
+@pytest.fixture(scope="session")
+def corpus_texts(small_corpus) -> list[str]:
+    """The small corpus's texts, for a ``FakeIndex``."""
+    return [json.loads(line)["text"] for line in small_corpus.read_text(encoding="utf-8").splitlines()]
+
+
+def fake_retriever(tmp_path: Path, texts, index=None, **settings):
+    """A real ``Retriever`` over a ``FakeIndex`` (or the given index) and its ``FakeEncoder``."""
+    from fakes import FakeIndex
+
+    from lm_eval_ttt.retriever import Retriever
+    from lm_eval_ttt.settings import NeighbourSettings, build
+
+    index = index or FakeIndex(texts)
+    return Retriever(index, build(NeighbourSettings, settings), tmp_path / "cache", encoder=index.encoder)
+
+
+def fake_lm(cls, tmp_path: Path, tiny_lm: Path, texts, index=None, **kw):
+    """A harness model on the tiny LM whose neighbours come from a ``FakeIndex`` over ``texts``
+    (a method without neighbours gets the plain ``make_lm``)."""
+    from lm_eval_ttt.settings import NeighbourSettings, known_names
+
+    if NeighbourSettings not in cls.setting_groups:
+        return make_lm(cls, tmp_path, tiny_lm, None, **kw)
+    args = {"k": 3, **kw}
+    names = known_names([NeighbourSettings])
+    retriever = fake_retriever(tmp_path, texts, index, **{k: v for k, v in args.items() if k in names})
+    return make_lm(cls, tmp_path, tiny_lm, None, retriever=retriever, **args)
+
+
+def make_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed TLS certificate for localhost / 127.0.0.1, and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def task_bits_per_byte(output_dir: Path, task: str) -> float:

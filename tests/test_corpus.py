@@ -94,7 +94,7 @@ def test_store_reads_exact_texts_through_offsets_and_skips_empty_documents(tmp_p
 
 
 def test_corpus_rewritten_in_place_is_an_error_naming_the_file_not_a_crash(small_corpus, tmp_path):
-    """The first version memory-mapped the corpus: truncating it under a reader was SIGBUS."""
+    """A memory-mapped corpus truncated under a reader is SIGBUS: reads check the file first."""
     import shutil
 
     from index_server.search import LocalIndex

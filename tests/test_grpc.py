@@ -9,12 +9,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import BIN, build_small, make_cert
 
-from conftest import BIN, build_small
 from index_server._proto import knn_pb2, knn_pb2_grpc
 from index_server.client import GrpcIndex, ShardUnavailableError, parse_addresses
+from index_server.index import open_index
+from index_server.launcher import start_shard_server
 from index_server.manifest import Manifest, ManifestMismatchError
-from index_server.options import IndexOptions, open_index
+from index_server.options import IndexOptions
 from index_server.search import LocalIndex, QueryError
 from index_server.server import ServerConfig, start_server
 
@@ -73,15 +75,19 @@ def test_bad_requests_get_readable_status_and_server_keeps_serving(sharded, quer
     cases = [
         (lambda: search(queries[:1], 0), grpc.StatusCode.INVALID_ARGUMENT, r"k must be in \[1, 50\], got 0"),
         (lambda: search(queries[:1], 51), grpc.StatusCode.INVALID_ARGUMENT, r"k must be in \[1, 50\], got 51"),
-        (lambda: search(queries[:1, :10], 5, d=10), grpc.StatusCode.INVALID_ARGUMENT, r"query dimension 10 != index dimension"),
-        (lambda: search(queries[:0], 5), grpc.StatusCode.INVALID_ARGUMENT, r"batch must hold 1 to 8 query vectors, got 0"),
+        (lambda: search(queries[:1, :10], 5, d=10), grpc.StatusCode.INVALID_ARGUMENT,
+         r"query dimension 10 != index dimension"),
+        (lambda: search(queries[:0], 5), grpc.StatusCode.INVALID_ARGUMENT,
+         r"batch must hold 1 to 8 query vectors, got 0"),
         (lambda: search(queries[:9], 5), grpc.StatusCode.INVALID_ARGUMENT, r"got 9"),
         (lambda: search(queries[:1] * np.nan, 5), grpc.StatusCode.INVALID_ARGUMENT, r"NaN or infinity"),
         (lambda: search(np.zeros((400, dim)), 5), grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max"),
-        (lambda: stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[10**9])), grpc.StatusCode.NOT_FOUND, r"not held by this server"),
+        (lambda: stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[10**9])), grpc.StatusCode.NOT_FOUND,
+         r"not held by this server"),
         (lambda: stub.FetchTexts(knn_pb2.FetchTextsRequest(ids=[big] * 2000)), grpc.StatusCode.RESOURCE_EXHAUSTED,
          r"the texts would take \d+ bytes, over the"),
-        (lambda: stub.Search(knn_pb2.SearchRequest(k=1, dim=dim, vectors=b"abc")), grpc.StatusCode.INVALID_ARGUMENT, r"not a whole number"),
+        (lambda: stub.Search(knn_pb2.SearchRequest(k=1, dim=dim, vectors=b"abc")), grpc.StatusCode.INVALID_ARGUMENT,
+         r"not a whole number"),
     ]
     try:
         for call, code, message in cases:
@@ -95,7 +101,7 @@ def test_bad_requests_get_readable_status_and_server_keeps_serving(sharded, quer
 
 
 def test_fetch_texts_size_is_checked_before_reading(sharded, monkeypatch):
-    """An 8-byte request used to make the server read and buffer hundreds of MB of texts."""
+    """An 8-byte request must not make the server read and buffer hundreds of MB of texts."""
     from index_server.corpus import CorpusStore
 
     read = []
@@ -111,12 +117,46 @@ def test_fetch_texts_size_is_checked_before_reading(sharded, monkeypatch):
         server.stop(0)
 
 
-def test_refusals_are_not_retried(sharded, queries):
+@pytest.fixture
+def search_calls(monkeypatch):
+    """Counts the Search calls servers in this process receive; ``fail[0]`` more of them are
+    answered with ``fail[1]`` (an outage, or a refusal) before the real answer."""
+    from index_server.server import KnnShardServicer
+
+    calls, fail = [], [0, grpc.StatusCode.UNAVAILABLE]
+    search = KnnShardServicer.Search
+
+    def counted(self, request, context):
+        calls.append(time.perf_counter())
+        if len(calls) <= fail[0]:
+            context.abort(fail[1], "injected failure")
+        return search(self, request, context)
+
+    monkeypatch.setattr(KnnShardServicer, "Search", counted)
+    return calls, fail
+
+
+def test_unavailable_is_retried_with_backoff_by_the_channel(sharded, queries, search_calls):
+    calls, fail = search_calls
+    server, address = start(sharded)
+    try:
+        fail[0] = 2
+        client = GrpcIndex((address,), IndexOptions(retries=2, backoff_s=0.05))
+        assert client.search(queries[:1], 3).ids.shape == (1, 3)  # two outages, then the answer
+        assert len(calls) == 3
+        calls.clear()
+        with pytest.raises(ShardUnavailableError, match="UNAVAILABLE: injected failure"):
+            GrpcIndex((address,), IndexOptions(retries=1, backoff_s=0.05)).search(queries[:1], 3)
+        assert len(calls) == 2  # retries=1: one more attempt, then the error
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT])
+def test_refusals_are_not_retried(sharded, queries, search_calls, code):
+    calls, fail = search_calls
     server, address = start(sharded, max_k=10)
-    calls = []
     client = GrpcIndex((address,), IndexOptions(retries=3, backoff_s=0.5))
-    original = client._call
-    client._call = lambda *a, **k: calls.append(a[1]) or original(*a, **k)
     start_time = time.perf_counter()
     try:
         with pytest.raises(QueryError, match=r"k must be in \[1, 10\]"):
@@ -124,7 +164,11 @@ def test_refusals_are_not_retried(sharded, queries):
         assert calls == []
         with pytest.raises(ShardUnavailableError, match="INVALID_ARGUMENT"):
             client._search(queries[:1], 11)  # the server refuses it too, once
-        assert calls == [] and time.perf_counter() - start_time < 0.5  # no retry, no backoff
+        assert len(calls) == 1
+        fail[:] = [2, code]
+        with pytest.raises(ShardUnavailableError, match=code.name):
+            client.search(queries[:1], 3)
+        assert len(calls) == 2 and time.perf_counter() - start_time < 0.5  # no retry, no backoff
     finally:
         server.stop(0)
 
@@ -175,24 +219,17 @@ def test_shard_from_another_index_is_refused(sharded, small_corpus, tmp_path):
         s1.stop(0)
 
 
-def _serve(index: Path, shard: int, port: int = 0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(BIN / "ttt-index"), "serve", str(index), "--shards", str(shard), "--port", str(port)],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("serving"), line
-    return proc, line.rsplit(" ", 1)[-1].strip()
-
-
 def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
-    procs = [_serve(sharded, i) for i in range(4)]
-    addresses = tuple(a for _, a in procs)
+    procs = [start_shard_server(ServerConfig(sharded, shards=(i,))) for i in range(4)]
+    addresses = tuple(p.address for p in procs)
     local = LocalIndex(sharded)
     try:
         fail = GrpcIndex(addresses, IndexOptions(retries=1, backoff_s=0.05, timeout_s=5))
         degrade = GrpcIndex(addresses, IndexOptions(retries=1, backoff_s=0.05, timeout_s=5, failure_policy="degrade"))
-        procs[2][0].kill()
-        procs[2][0].wait()
-        with pytest.raises(ShardUnavailableError, match=rf"shard server {re.escape(addresses[2])} \(shards 2\) failed Search: UNAVAILABLE"):
+        procs[2].process.kill()
+        procs[2].process.wait()
+        with pytest.raises(ShardUnavailableError,
+                           match=rf"shard server {re.escape(addresses[2])} \(shards 2\) failed Search: UNAVAILABLE"):
             fail.search(queries, 5)
         partial = degrade.search(queries, 5)
         assert partial.missing_shards == [[2]] * len(queries)
@@ -207,7 +244,8 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
             GrpcIndex(addresses, IndexOptions(retries=0, timeout_s=2))
         late = GrpcIndex(addresses, IndexOptions(retries=0, timeout_s=2, failure_policy="degrade"))
         assert late.search(queries, 5).missing_shards == [[2]] * len(queries)
-        procs[2] = _serve(sharded, 2, port=int(addresses[2].rsplit(":", 1)[1]))  # restart on the same port
+        procs[2] = start_shard_server(ServerConfig(sharded, shards=(2,),
+                                                   port=procs[2].port))  # restart on the same port
         deadline = time.time() + 20
         while True:
             try:
@@ -222,10 +260,7 @@ def test_killed_shard_fail_and_degrade_then_recovery(sharded, queries):
         assert degrade.search(queries, 5).missing_shards == [[]] * len(queries)
         np.testing.assert_array_equal(late.search(queries, 5).ids, full.ids)  # checked, then used
     finally:
-        for proc, _ in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            assert proc.wait(timeout=15) == 0  # clean shutdown on SIGTERM
+        assert [p.stop() for p in procs] == [0] * 4  # clean shutdown on SIGTERM
 
 
 def _children(pid: int) -> list[int]:
@@ -243,13 +278,17 @@ def _alive(pid: int) -> bool:
 
 
 def test_serve_all_restarts_a_dead_shard_and_its_children_die_with_it(sharded, queries):
-    proc = subprocess.Popen([str(BIN / "ttt-index"), "serve-all", str(sharded), "--base-port", "0"],
+    """Its servers get every server option (here: limits and the search default)."""
+    proc = subprocess.Popen([str(BIN / "ttt-index"), "serve-all", str(sharded), "--base-port", "0", "--max-k", "33",
+                             "--max-batch", "7", "--workers", "3", "--refine-factor", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = [proc.stdout.readline() for _ in range(5)]
         assert lines[-1].startswith("index=grpc://"), lines
         client = open_index(lines[-1].strip().removeprefix("index="), IndexOptions(failure_policy="degrade",
                                                                                     retries=0, timeout_s=2))
+        infos = [server.info for server in client.servers]
+        assert [(i.max_k, i.max_batch, i.refine_factor) for i in infos] == [(33, 7, 2)] * 4
         np.testing.assert_array_equal(client.search(queries, 4).ids, LocalIndex(sharded).search(queries, 4).ids)
         children = _children(proc.pid)
         assert len(children) == 4
@@ -285,20 +324,48 @@ def test_serve_all_stops_its_children_on_sigterm(sharded):
         line.rsplit(" ", 1)[-1].strip() for line in lines[:4])
 
 
+def test_a_server_configuration_reaches_its_process_whole():
+    """serve-all and start_shard_server hand a child its ServerConfig as JSON: every field,
+    including one added later, arrives with the value set here (none is the default)."""
+    import dataclasses
+    import typing
+
+    from index_server.server import ServerConfig
+
+    def changed(annotation, default):
+        if dataclasses.is_dataclass(annotation):
+            hints = typing.get_type_hints(annotation)
+            return annotation(**{f.name: changed(hints[f.name], getattr(default, f.name))
+                                 for f in dataclasses.fields(annotation)})
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, __import__("types").UnionType):
+            member = next(a for a in typing.get_args(annotation) if a is not type(None))
+            return changed(member, default)
+        if origin is typing.Literal:
+            return next(v for v in typing.get_args(annotation) if v != default)
+        if origin is tuple:
+            return (3, 1)
+        return {bool: lambda: not default, int: lambda: (default or 0) + 1, float: lambda: (default or 0.0) + 1.5,
+                str: lambda: f"{default}-x", Path: lambda: Path("/elsewhere")}[annotation]()
+
+    defaults = ServerConfig(index=Path("/index"))
+    hints = typing.get_type_hints(ServerConfig)
+    config = ServerConfig(**{f.name: changed(hints[f.name], getattr(defaults, f.name))
+                             for f in dataclasses.fields(ServerConfig)} | {"host": "127.0.0.2", "insecure": True})
+    for f in dataclasses.fields(ServerConfig):
+        if f.name not in ("host", "insecure"):
+            assert getattr(config, f.name) != getattr(defaults, f.name), f.name
+    assert ServerConfig.from_json(config.to_json()) == config
+
+
 def test_checked_in_stubs_match_the_proto(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iindex_server/_proto=proto", f"--python_out={tmp_path}",
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iindex_server/_proto=proto",
+                    f"--python_out={tmp_path}",
                     f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/knn.proto"], cwd=repo, check=True)
     for name in ("knn_pb2.py", "knn_pb2_grpc.py", "knn_pb2.pyi"):
-        assert (tmp_path / "index_server/_proto" / name).read_bytes() == (repo / "index_server/_proto" / name).read_bytes()
-
-
-def make_cert(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True)
-    return cert, key
+        fresh, checked_in = tmp_path / "index_server/_proto" / name, repo / "index_server/_proto" / name
+        assert fresh.read_bytes() == checked_in.read_bytes()
 
 
 def test_tls_and_health_check(sharded, queries, tmp_path):
@@ -314,7 +381,8 @@ def test_tls_and_health_check(sharded, queries, tmp_path):
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(cert.read_bytes()))
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "tttnn.knn.v1.KnnShard"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=service),
+                                timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(0)
 
@@ -370,8 +438,8 @@ def test_search_settings_travel_with_each_request(small_corpus, tmp_path):
 
 
 def test_client_splits_searches_to_fit_every_servers_limits(sharded, queries):
-    """A client used to send one Search with every query: a server with a small max_batch or
-    message limit refused it. It now splits by the smallest limit any server reports."""
+    """One Search with every query would be refused by a server with a small max_batch or
+    message limit: the client splits by the smallest limit any server reports."""
     from index_server.wire import MESSAGE_OVERHEAD
 
     local = LocalIndex(sharded)

@@ -7,8 +7,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import build_small, cli
 
-from conftest import build_small, run
 from index_server.build import BuildConfig, build_index
 from index_server.encoder import EncoderConfig, TextEncoder
 from index_server.manifest import Manifest, ManifestMismatchError
@@ -26,7 +26,7 @@ HELD_OUT = {
 }
 
 
-def test_default_corpus_split_is_by_file_and_deterministic(default_corpus, tmp_path):
+def test_default_corpus_split_is_by_file_and_deterministic(default_corpus, tmp_path, capsys):
     def paths(name):
         return {json.loads(line)["meta"]["path"] for line in open(default_corpus / name, encoding="utf-8")}
 
@@ -34,11 +34,12 @@ def test_default_corpus_split_is_by_file_and_deterministic(default_corpus, tmp_p
     assert not index & test
     assert len(test) > 100 and len(index) > 9 * len(test) * 0.7
     assert set(HELD_OUT) <= test
-    run("ttt-index", "default-corpus", "--out", str(tmp_path), "--quiet")
+    cli(capsys, "ttt-index", "default-corpus", "--out", str(tmp_path), "--quiet")
     for name in ("stdlib_code.test.jsonl", "python_docs.index.jsonl"):
         assert (tmp_path / name).read_bytes() == (default_corpus / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_held_out_modules_retrieve_their_area(default_index, default_corpus):
     index = LocalIndex(default_index)
     manifest = index.manifest
@@ -96,7 +97,8 @@ def test_bad_build_options_are_refused_before_writing(small_corpus, tmp_path):
     with pytest.raises(ValueError, match="invalid index factory string 'IVFx'"):
         build_index(BuildConfig(output=tmp_path / "a", corpus=(small_corpus,), factory="IVFx", progress=False))
     with pytest.raises(ValueError, match="needs at least 100000 training vectors"):
-        build_index(BuildConfig(output=tmp_path / "b", corpus=(small_corpus,), factory="IVF100000,Flat", progress=False))
+        build_index(BuildConfig(output=tmp_path / "b", corpus=(small_corpus,), factory="IVF100000,Flat",
+                                progress=False))
     with pytest.raises(ValueError, match="--on-disk needs an IVF index"):
         build_index(BuildConfig(output=tmp_path / "c", corpus=(small_corpus,), on_disk=True, progress=False))
     assert list(tmp_path.iterdir()) == []
@@ -126,7 +128,7 @@ def _copy(src, dst):
     return dst
 
 
-def test_integrity_catches_rotated_doc_table_and_swapped_shards(small_corpus, tmp_path):
+def test_integrity_catches_rotated_doc_table_and_swapped_shards(small_corpus, tmp_path, capsys):
     """Before, docs.npy was in no checksum and shards were checked by count only."""
     a = build_small(small_corpus, tmp_path / "a", shards=2)
     b = build_small(small_corpus, tmp_path / "b", shards=2, max_tokens=16)  # same sizes, other vectors
@@ -143,37 +145,39 @@ def test_integrity_catches_rotated_doc_table_and_swapped_shards(small_corpus, tm
                             (truncated, "shard 1 is .* bytes, the manifest says")):
         with pytest.raises(ManifestMismatchError, match=message):
             LocalIndex(broken)
-        proc = run("ttt-index", "info", str(broken), "--verify", check=False)
+        proc = cli(capsys, "ttt-index", "info", str(broken), "--verify", check=False)
         assert proc.returncode == 2 and "ttt-index: error:" in proc.stderr
-    run("ttt-index", "info", str(a), "--full")
+    cli(capsys, "ttt-index", "info", str(a), "--full")
 
 
-def test_overwrite_only_replaces_an_index(small_corpus, tmp_path):
+def test_overwrite_only_replaces_an_index(small_corpus, tmp_path, capsys):
     """Before, --overwrite deleted whatever --out held, the corpus being indexed included."""
     precious = tmp_path / "data"
     precious.mkdir()
     (precious / "notes.txt").write_text("not an index")
     corpus = precious / "corpus.jsonl"
     corpus.write_bytes(small_corpus.read_bytes())
-    for out, message in ((precious, "is not an output of this tool"), (tmp_path / "data" / "notes.txt", "is not a directory")):
-        proc = run("ttt-index", "build", str(corpus), "--out", str(out), "--overwrite", "--max-tokens", "16",
+    for out, message in ((precious, "is not an output of this tool"), (tmp_path / "data" / "notes.txt",
+                                                                       "is not a directory")):
+        proc = cli(capsys, "ttt-index", "build", str(corpus), "--out", str(out), "--overwrite", "--max-tokens", "16",
                    check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert (precious / "notes.txt").read_text() == "not an index" and corpus.is_file()
     inside = build_small(corpus, precious / "index")
     nested = precious / "index" / "corpus.jsonl"
     shutil.copy(corpus, nested)
-    proc = run("ttt-index", "build", str(nested), "--out", str(inside), "--overwrite", "--max-tokens", "16", check=False)
+    proc = cli(capsys, "ttt-index", "build", str(nested), "--out", str(inside), "--overwrite", "--max-tokens", "16",
+               check=False)
     assert proc.returncode == 2 and "holds the input" in proc.stderr
     build_small(corpus, inside, overwrite=True)  # an index is replaced
     assert Manifest.load(inside).n_vectors > 0
 
 
-def test_build_errors_are_one_line_before_any_embedding(small_corpus, tmp_path):
+def test_build_errors_are_one_line_before_any_embedding(small_corpus, tmp_path, capsys):
     unwritable = Path("/sys/ttt-nn-test-index")  # not writable, even for root
     for out, message in ((unwritable, "Permission denied|Operation not permitted"),
                          (small_corpus / "idx", "is not a directory")):
-        proc = run("ttt-index", "build", str(small_corpus), "--out", str(out), check=False)
+        proc = cli(capsys, "ttt-index", "build", str(small_corpus), "--out", str(out), check=False)
         assert proc.returncode == 2 and re.search(message, proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
         assert "embed documents" not in proc.stderr
 
@@ -186,7 +190,7 @@ def test_scratch_is_removed_on_sigterm_and_stale_scratch_by_the_next_build(small
 
     out = tmp_path / "idx"
     proc = subprocess.Popen([sys.executable, "-m", "index_server.cli", "build", str(small_corpus), "--out", str(out),
-                             "--max-tokens", "16"],
+                             "--max-tokens", "128", "--batch-size", "1"],  # seconds of embedding: signalled mid-build
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".idx.tmp-*")) and time.time() < deadline:
@@ -198,7 +202,7 @@ def test_scratch_is_removed_on_sigterm_and_stale_scratch_by_the_next_build(small
     assert (out / "manifest.json").is_file()
 
 
-def test_full_verification_catches_what_the_quick_check_cannot(default_corpus, tmp_path):
+def test_full_verification_catches_what_the_quick_check_cannot(default_corpus, tmp_path, capsys):
     """The quick check hashes the head, middle and tail MiB; a byte changed elsewhere in a
     large file (same size) needs --full."""
     corpus = tmp_path / "big.jsonl"
@@ -212,8 +216,8 @@ def test_full_verification_catches_what_the_quick_check_cannot(default_corpus, t
     stat = corpus.stat()
     corpus.write_bytes(bytes(data))
     os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    run("ttt-index", "info", str(index), "--verify")
-    proc = run("ttt-index", "info", str(index), "--full", check=False)
+    cli(capsys, "ttt-index", "info", str(index), "--verify")
+    proc = cli(capsys, "ttt-index", "info", str(index), "--full", check=False)
     assert proc.returncode == 2 and "sha256 differs from the one recorded at build time" in proc.stderr
 
 
@@ -225,7 +229,8 @@ def test_a_build_killed_with_sigkill_leaves_scratch_that_the_next_build_removes(
 
     out = tmp_path / "idx"
     proc = subprocess.Popen([sys.executable, "-m", "index_server.cli", "build", str(small_corpus), "--out", str(out),
-                             "--max-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--max-tokens", "128", "--batch-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".idx.tmp-*")) and time.time() < deadline:
         time.sleep(0.05)
@@ -316,13 +321,14 @@ def test_search_settings_below_their_range_are_refused(bad):
         IndexOptions(**bad)
 
 
-def test_build_names_what_is_missing_or_doubled(small_corpus, tmp_path):
-    proc = run("ttt-index", "build", "--out", str(tmp_path / "a"), check=False)
+def test_build_names_what_is_missing_or_doubled(small_corpus, tmp_path, capsys):
+    proc = cli(capsys, "ttt-index", "build", "--out", str(tmp_path / "a"), check=False)
     assert proc.returncode == 2 and "nothing to index" in proc.stderr, proc.stderr
-    proc = run("ttt-index", "build", str(small_corpus), "--max-memory", "1G", "--refine", "--out",
+    proc = cli(capsys, "ttt-index", "build", str(small_corpus), "--max-memory", "1G", "--refine", "--out",
                str(tmp_path / "b"), check=False)
     assert proc.returncode == 2 and "--max-memory chooses" in proc.stderr, proc.stderr
     (tmp_path / "emb").mkdir()
     (tmp_path / "emb" / "embeddings.json").write_text("{not json")
-    proc = run("ttt-index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "c"), check=False)
+    proc = cli(capsys, "ttt-index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "c"),
+               check=False)
     assert proc.returncode == 2 and "not a valid embeddings layout" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Pile-scale index pipeline (issue 11), at small sizes: embedding in parts (parallel,
+"""Pile-scale index pipeline, at small sizes: embedding in parts (parallel,
 resumable), building from embeddings out of core, on-disk lists and exact re-ranking through
 both backends, layout planning, moved corpora, and bad inputs refused before any writing."""
 
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BIN, cli, run
 
-from conftest import BIN, run
 from index_server.build import BuildConfig, build_index
 from index_server.embed import EmbedConfig, part_name, run_embed
 from index_server.encoder import EncoderConfig
+from index_server.index import open_index
 from index_server.manifest import Manifest
-from index_server.options import IndexOptions, open_index
+from index_server.options import IndexOptions
 from index_server.plan import choose, parse_bytes, parse_count
 from index_server.search import LocalIndex
 from index_server.server import ServerConfig, start_server
@@ -41,10 +42,11 @@ def one_part(small_corpus, tmp_path_factory) -> Path:
     return out
 
 
-def test_three_parts_equal_one_part_and_give_the_same_neighbours(small_corpus, one_part, tmp_path):
+def test_three_parts_equal_one_part_and_give_the_same_neighbours(small_corpus, one_part, tmp_path, capsys):
     three = tmp_path / "three"
     for part in (2, 0, 1):  # three independent jobs, in any order
-        run("ttt-index", "embed", str(small_corpus), "--out", str(three), "--num-parts", "3", "--part", str(part),
+        cli(capsys, "ttt-index", "embed", str(small_corpus), "--out", str(three), "--num-parts", "3", "--part",
+            str(part),
             "--max-tokens", "16", "--quiet")
     np.testing.assert_allclose(parts_vectors(three), parts_vectors(one_part), atol=1e-5)
     a, b = (build_index(BuildConfig(output=tmp_path / name, embeddings=emb, progress=False))
@@ -53,14 +55,15 @@ def test_three_parts_equal_one_part_and_give_the_same_neighbours(small_corpus, o
     ids_a = LocalIndex(tmp_path / "a").search(queries, 10).ids
     np.testing.assert_array_equal(ids_a, LocalIndex(tmp_path / "b").search(queries, 10).ids)
     assert a.corpus[0].sha256 != b.corpus[0].sha256 or a.corpus[0].chunks != b.corpus[0].chunks
-    run("ttt-index", "info", str(tmp_path / "b"), "--full")  # chunked corpus hashes verify
+    cli(capsys, "ttt-index", "info", str(tmp_path / "b"), "--full")  # chunked corpus hashes verify
 
 
-def test_ranks_take_their_share_of_parts(small_corpus, tmp_path):
+def test_ranks_take_their_share_of_parts(small_corpus, tmp_path, capsys, monkeypatch):
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
-        proc = run("ttt-index", "embed", str(small_corpus), "--out", str(tmp_path), "--num-parts", "4", "--max-tokens",
-                   "16", "--quiet", env=env)
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        proc = cli(capsys, "ttt-index", "embed", str(small_corpus), "--out", str(tmp_path), "--num-parts", "4",
+                   "--max-tokens", "16", "--quiet")
         assert f"{2 + 2 * rank} of 4 parts embedded" in proc.stdout  # rank r embeds parts r and r + 2
     assert sorted(p.name for p in tmp_path.glob("part-*.json")) == [f"{part_name(i)}.json" for i in range(4)]
 
@@ -112,7 +115,8 @@ def synthetic_20k(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     return emb, queries, np.argsort(distances, axis=1, kind="stable")[:, :20]
 
 
-@pytest.mark.parametrize("flags", [{"on_disk": True}, {"store_vectors": True}, {"on_disk": True, "store_vectors": True}])
+@pytest.mark.parametrize("flags", [{"on_disk": True}, {"store_vectors": True}, {"on_disk": True,
+                                                                                "store_vectors": True}])
 def test_on_disk_lists_and_refine_answer_correctly_through_both_backends(synthetic_20k, tmp_path, flags):
     """On-disk lists answer exactly as the same index with lists in RAM; re-ranking from the
     stored float16 vectors brings recall@20 near exact search, with exact distances."""
@@ -152,7 +156,7 @@ def test_on_disk_lists_and_refine_answer_correctly_through_both_backends(synthet
         server.stop(0)
 
 
-def test_bad_embedding_parts_are_clear_errors_and_nothing_is_written(small_corpus, one_part, tmp_path):
+def test_bad_embedding_parts_are_clear_errors_and_nothing_is_written(small_corpus, one_part, tmp_path, capsys):
     def broken(name: str) -> Path:
         target = tmp_path / name
         shutil.copytree(one_part, target)
@@ -172,26 +176,27 @@ def test_bad_embedding_parts_are_clear_errors_and_nothing_is_written(small_corpu
                          (corrupt, r"corrupt embedding part"),
                          (wrong_dim, r"holds \(5, 3\) float32, expected \(\d+, 384\) float32"),
                          (flipped, r"contents differ from what the embedding run wrote")):
-        proc = run("ttt-index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "out"), check=False)
+        proc = cli(capsys, "ttt-index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "out"), check=False)
         assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "another corpus"}\n')
-    proc = run("ttt-index", "embed", str(other), "--out", str(one_part), "--max-tokens", "16", check=False)
+    proc = cli(capsys, "ttt-index", "embed", str(other), "--out", str(one_part), "--max-tokens", "16", check=False)
     assert proc.returncode == 2 and "belongs to another embedding run" in proc.stderr
 
 
-def test_build_with_a_memory_budget_lets_plan_choose(one_part, tmp_path):
-    proc = run("ttt-index", "build", "--embeddings", str(one_part), "--out", str(tmp_path / "idx"), "--max-memory", "8G",
-               "--quiet")
+def test_build_with_a_memory_budget_lets_plan_choose(synthetic_20k, tmp_path, capsys):
+    emb = synthetic_20k[0]
+    proc = cli(capsys, "ttt-index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "idx"), "--max-memory",
+               "8G", "--quiet")
     chosen = re.search(r"--max-memory 8G: chose --factory (\S+)", proc.stdout).group(1)
     assert Manifest.load(tmp_path / "idx").factory == chosen
-    proc = run("ttt-index", "build", "--embeddings", str(one_part), "--out", str(tmp_path / "other"), "--max-memory",
-               "8G", "--factory", "Flat", check=False)
+    proc = cli(capsys, "ttt-index", "build", "--embeddings", str(emb), "--out", str(tmp_path / "other"),
+               "--max-memory", "8G", "--factory", "Flat", check=False)
     assert proc.returncode == 2 and "--max-memory chooses the factory" in proc.stderr
 
 
-def test_a_moved_corpus_is_found_with_corpus_root(small_corpus, tmp_path):
+def test_a_moved_corpus_is_found_with_corpus_root(small_corpus, tmp_path, capsys):
     from conftest import build_small
 
     data = tmp_path / "data"
@@ -200,14 +205,15 @@ def test_a_moved_corpus_is_found_with_corpus_root(small_corpus, tmp_path):
     index = build_small(data / "corpus.jsonl", tmp_path / "idx")
     assert not Path(Manifest.load(index).corpus[0].path).is_absolute()
     shutil.move(data, tmp_path / "mounted-elsewhere")
-    proc = run("ttt-index", "info", str(index), "--verify", check=False)
+    proc = cli(capsys, "ttt-index", "info", str(index), "--verify", check=False)
     assert proc.returncode == 2 and "corpus file is missing (moved? pass --corpus-root" in proc.stderr
-    run("ttt-index", "info", str(index), "--verify", "--corpus-root", str(tmp_path / "mounted-elsewhere"))
+    cli(capsys, "ttt-index", "info", str(index), "--verify", "--corpus-root", str(tmp_path / "mounted-elsewhere"))
     moved = LocalIndex(index, IndexOptions(corpus_root=tmp_path / "mounted-elsewhere"))
-    assert moved.texts([0])[0] == json.loads((tmp_path / "mounted-elsewhere" / "corpus.jsonl").open().readline())["text"]
+    first = json.loads((tmp_path / "mounted-elsewhere" / "corpus.jsonl").open().readline())
+    assert moved.texts([0])[0] == first["text"]
 
 
-def test_plan_picks_the_most_accurate_layout_that_fits():
+def test_plan_picks_the_most_accurate_layout_that_fits(capsys):
     """With the measured table (index_server/measured_recall.json): PQ codes re-ranked from
     stored vectors recall as well as exact search, with the fewest bytes; their lists stay
     in RAM when the budget allows, else go to disk."""
@@ -219,7 +225,7 @@ def test_plan_picks_the_most_accurate_layout_that_fits():
     assert (small.factory, small.refine, small.on_disk) == ("IVF65536,PQ128", True, True)
     no_disk = choose(210_000_000, 1024, parse_bytes("64G"), max_disk=parse_bytes("100G"))
     assert not no_disk.refine and no_disk.disk_bytes <= parse_bytes("100G")
-    proc = run("ttt-index", "plan", "--vectors", "210M", "--dim", "1024", "--max-memory", "64G")
+    proc = cli(capsys, "ttt-index", "plan", "--vectors", "210M", "--dim", "1024", "--max-memory", "64G")
     assert "<- chosen" in proc.stdout and f"chosen: {chosen.describe()}" in proc.stdout
     with pytest.raises(ValueError, match="no layout of 210000000 x 1024 vectors fits"):
         choose(210_000_000, 1024, parse_bytes("100M"))

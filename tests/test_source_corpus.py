@@ -10,11 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import cli
 
 from index_server import source_corpus as sc
 from index_server.source_corpus import SourceCorpusConfig, split_of, write_source_corpus
-
-from conftest import run
 
 CODE = "def f(x):\n    return x + 1\n"
 
@@ -149,7 +148,7 @@ def test_two_releases_keep_a_path_on_one_side(tmp_path):
     assert len([r for rs in records(out).values() for r in rs if r["meta"]["path"].startswith("pkg/")]) == 120
 
 
-def test_bad_inputs_are_one_clear_error_and_nothing_is_written(tmp_path):
+def test_bad_inputs_are_one_clear_error_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -157,7 +156,7 @@ def test_bad_inputs_are_one_clear_error_and_nothing_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"no document in .*empty: every file was skipped \(1 binary"):
         write_source_corpus(SourceCorpusConfig(out, inputs=(empty,), progress=False))
     assert not out.exists() and not list(tmp_path.glob(".out*"))
-    missing = run("ttt-index", "corpus", str(tmp_path / "nope"), "--out", str(out), check=False)
+    missing = cli(capsys, "ttt-index", "corpus", str(tmp_path / "nope"), "--out", str(out), check=False)
     assert missing.returncode == 2 and "nope: no such directory or archive" in missing.stderr
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="--package no-such-dist"):
@@ -179,15 +178,15 @@ def test_an_unreadable_file_is_counted(tree, tmp_path, monkeypatch):
     assert summary["sources"][0]["skipped"][sc.UNREADABLE] == 1
 
 
-def test_cli_prints_the_summary_and_overwrites_only_its_own_output(tree, tmp_path):
+def test_cli_prints_the_summary_and_overwrites_only_its_own_output(tree, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = run("ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", "--name", "proj")
+    proc = cli(capsys, "ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", "--name", "proj")
     assert "proj" in proc.stdout and "skipped" in proc.stdout and (out / "proj.index.jsonl").is_file()
-    again = run("ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", check=False)
+    again = cli(capsys, "ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", check=False)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
-    run("ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", "--overwrite")
+    cli(capsys, "ttt-index", "corpus", str(tree), "--out", str(out), "--quiet", "--overwrite")
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    refused = run("ttt-index", "corpus", str(tree), "--out", str(other), "--overwrite", check=False)
+    refused = cli(capsys, "ttt-index", "corpus", str(tree), "--out", str(other), "--overwrite", check=False)
     assert refused.returncode == 2 and "not an output of this tool" in refused.stderr
