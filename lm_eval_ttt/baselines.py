@@ -18,24 +18,31 @@ import math
 import time
 
 import torch
-from lm_eval.api.instance import Instance
 
 from index_server.encoder import CHARS_PER_TOKEN_BOUND
 
-from .documents import Document
+from .documents import KINDS, REQUEST_TYPES, Document
+from .dyneval import score_dynamically
 from .harness import NeighbourLM
 from .retriever import Neighbours
 from .scoring import continuation_scores
-from .settings import (ContextSettings, DynamicEvalSettings, InterpolationSettings, ModelArgumentError,
-                       NeighbourSettings, RunSettings, TrainSettings)
-from .trainers import build_trainer, check_train_settings, step_counts
+from .settings import (
+    ContextSettings,
+    DynamicEvalSettings,
+    InterpolationSettings,
+    ModelArgumentError,
+    NeighbourSettings,
+    RunSettings,
+    TrainSettings,
+)
+from .trainers import build_trainer, check_train_settings, implied_hf_kwargs
 
 
 class InContextLM(NeighbourLM):
     """Neighbours prepended as context: farthest first, the nearest adjacent to the document,
     trimmed from the far end to ``context_tokens``. For rolling documents the windows shrink
     by the context length so the document's own tokens are never truncated and only they are
-    scored. (The reference baseline fed the tail of the farthest neighbours instead.)"""
+    scored."""
 
     method = "ttt-nn-context"
     setting_groups = (RunSettings, NeighbourSettings, ContextSettings)
@@ -72,24 +79,10 @@ class InContextLM(NeighbourLM):
             context = ids[-need:] + context
         return context
 
-    def context_windows(self, text: str, neighbour_texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        context = self.neighbour_context(neighbour_texts)
-        return [(context + ctx, cont) for ctx, cont in self.windows(text, self.max_length - len(context))]
-
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         t = time.perf_counter()
         context = self.neighbour_context(neighbours.texts)
-        if document.request_type == "loglikelihood_rolling":
-            windows = self.context_windows(document.text, neighbours.texts)
-            results = [sum(ll for ll, _ in self.score_windows(windows))]
-        elif document.request_type == "loglikelihood":
-            pairs = self.encode_pairs(document)
-            results = [list(x) for x in self.score_windows([(context + ctx, cont) for ctx, cont in pairs])]
-        else:
-            prefix = self.tok_decode(context, skip_special_tokens=False)
-            shifted = [Instance(r.request_type, r.doc, (prefix + r.args[0], *r.args[1:]), r.idx, r.metadata)
-                       for r in document.requests]
-            results = self.stock_results(Document(document.request_type, document.task, document.doc_id, shifted))
+        results = self.answers(document, window=self.max_length - len(context), context=context)
         return {"results": results, "context_tokens_used": len(context), "score_s": time.perf_counter() - t}
 
 
@@ -102,7 +95,7 @@ class InterpolationLM(NeighbourLM):
 
     method = "ttt-nn-interp"
     setting_groups = (RunSettings, NeighbourSettings, InterpolationSettings)
-    request_types = ("loglikelihood_rolling", "loglikelihood")
+    request_types = tuple(name for name in REQUEST_TYPES if KINDS[name].pairs is not None)
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
@@ -133,50 +126,46 @@ class InterpolationLM(NeighbourLM):
 
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
         t = time.perf_counter()
-        if document.request_type == "loglikelihood_rolling":
-            results = [sum(ll for ll, _ in self.mixed_scores(self.windows(document.text), neighbours.texts))]
-        else:
-            results = [list(x) for x in self.mixed_scores(self.encode_pairs(document), neighbours.texts)]
+        results = self.answers(document, score=lambda pairs: self.mixed_scores(pairs, neighbours.texts))
         return {"results": results, "score_s": time.perf_counter() - t}
 
 
 class DynamicEvalLM(NeighbourLM):
-    """Dynamic evaluation (Krause et al.): score a window, then take ``iterations`` AdamW
-    steps on it before scoring the next one; weights and optimizer reset per document.
-    No retrieval: the baseline that learns from the test document alone."""
+    """Dynamic evaluation (``dyneval.py``) from the base weights, ``iterations`` AdamW steps on
+    each window after scoring it; weights and optimizer reset per document. No retrieval: the
+    baseline that learns from the test document alone."""
 
     method = "ttt-nn-dyneval"
     setting_groups = (RunSettings, TrainSettings, DynamicEvalSettings)
-    request_types = ("loglikelihood_rolling",)
+    request_types = tuple(name for name in REQUEST_TYPES if KINDS[name].own_text)
 
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
         self.iterations = self.settings_of(DynamicEvalSettings).iterations
-        self.trainer = build_trainer(self, self.settings_of(TrainSettings), None, True)
+        self._model, self.trainer = build_trainer(self.model, self.settings_of(TrainSettings),
+                                                  max_length=self.max_length,
+                                                  seed=self.seed, pad_id=self.tokenizer.pad_token_id or 0,
+                                                  peft_loaded=bool(self.peft))
 
     def check_settings(self, hf_kwargs: dict) -> None:
         super().check_settings(hf_kwargs)
         check_train_settings(self.settings_of(TrainSettings), hf_kwargs)
         if self.settings_of(TrainSettings).doc_batch > 1:
-            raise ModelArgumentError("ttt-nn-dyneval trains on each document's own windows in turn: doc_batch must be 1")
+            raise ModelArgumentError("ttt-nn-dyneval trains on each document's own windows in turn: doc_batch must "
+                                     "be 1")
+
+    def implied_hf_kwargs(self) -> dict:
+        return implied_hf_kwargs(self.settings_of(TrainSettings))
 
     def identity(self) -> dict:
-        return {**super().identity(), "lr": self.trainer.config.lr}
+        return {**super().identity(), "lr": self.trainer.lr}
 
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
-        total, train_s, score_s, steps = 0.0, 0.0, 0.0, 0
-        windows = self.windows(document.text)
         try:
-            for i, (ctx, cont) in enumerate(windows):
-                t = time.perf_counter()
-                total += self.score_windows([(ctx, cont)])[0][0]
-                score_s += time.perf_counter() - t
-                if i == len(windows) - 1:
-                    break  # training on the last window could change no score: not spent, not counted
-                t = time.perf_counter()
-                steps += sum(map(len, self.trainer.train([ctx + cont] * self.iterations)))
-                train_s += time.perf_counter() - t
-            skipped = self.trainer.skipped_steps  # fp16 overflow: not a step taken
+            results, window_lls, score_s = score_dynamically(self, self.trainer, document, self.iterations)
+            work = self.trainer.work()[0].record()
         finally:
+            start = time.perf_counter()
             self.trainer.reset()
-        return {"results": [total], "train_s": train_s, "score_s": score_s, **step_counts(steps, skipped)}
+            reset_s = time.perf_counter() - start
+        return {"results": results, **work, "window_lls": window_lls, "score_s": score_s, "reset_s": reset_s}

@@ -90,7 +90,8 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     model_args.setdefault("device", "cpu")
     grid = tuple(handle_arg_string(v) for v in args.grid.split(":") if v)
     run_tune(TuneConfig(method=args.method, param=args.param, grid=grid, model_args=model_args, docs=args.docs,
-                        min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out))
+                        min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out,
+                        widen=args.widen))
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
@@ -114,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="ttt_stdlib_code", help="task name (default: %(default)s)")
     p.add_argument("--limit", type=int, default=8, help="documents scored (default: %(default)s)")
     p.add_argument("--k", type=int, default=5, help="neighbours per document (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=256, help="training chunk and scoring window in tokens (default: %(default)s)")
-    p.add_argument("--max-neighbor-tokens", type=int, default=512, help="tokens trained on per neighbour (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("work/demo"), help="harness output directory (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=256,
+                   help="training chunk and scoring window in tokens (default: %(default)s)")
+    p.add_argument("--max-neighbor-tokens", type=int, default=512,
+                   help="tokens trained on per neighbour (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("work/demo"),
+                   help="harness output directory (default: %(default)s)")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser(
         "report",
@@ -136,22 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "own corpus, each excluded from its own neighbours by id; prints and writes the table and the "
                     "chosen value (lowest bits per byte, ties to fewer gradient steps).",
     )
-    p.add_argument("--method", default=tune.method, help="ttt-nn, ttt-nn-context, ttt-nn-interp or ttt-nn-dyneval (default: %(default)s)")
-    p.add_argument("--param", default=tune.param, help="argument to tune: lr, lambda, context_tokens, sift_lambda, alpha, ... (default: %(default)s)")
+    p.add_argument("--method", default=tune.method,
+                   help="ttt-nn, ttt-nn-context, ttt-nn-interp or ttt-nn-dyneval (default: %(default)s)")
+    p.add_argument("--param", default=tune.param,
+                   help="argument to tune: lr, lambda, context_tokens, sift_lambda, alpha, ... (default: %(default)s)")
     p.add_argument("--grid", required=True, help="values, colon-separated, e.g. 1e-5:2e-5:5e-5:1e-4")
     p.add_argument("--pretrained", help="HF causal LM (default: the bundled one)")
     p.add_argument("--index", help="index directory or grpc:// servers (default: the bundled index)")
     p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument("--max-length", type=int, help="training chunk and scoring window (default: the model's)")
     p.add_argument("--k", type=int, help=f"neighbours (default: {NeighbourSettings.k})")
-    p.add_argument("--model-args", help="further model arguments as for lm_eval, e.g. max_neighbor_tokens=256,select=sift")
+    p.add_argument("--model-args",
+                   help="further model arguments as for lm_eval, e.g. max_neighbor_tokens=256,select=sift")
     p.add_argument("--docs", type=int, default=tune.docs, help="validation documents (default: %(default)s)")
-    p.add_argument("--min-chars", type=int, default=tune.min_chars, help="shortest validation document (default: %(default)s)")
-    p.add_argument("--max-chars", type=int, default=tune.max_chars, help="longest validation document (default: %(default)s)")
+    p.add_argument("--min-chars", type=int, default=tune.min_chars,
+                   help="shortest validation document (default: %(default)s)")
+    p.add_argument("--max-chars", type=int, default=tune.max_chars,
+                   help="longest validation document (default: %(default)s)")
     p.add_argument("--seed", type=int, default=tune.seed, help="seed of the validation sample (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=tune.out, help="writes tune.json and scratch logs here (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=tune.out,
+                   help="writes tune.json and scratch logs here (default: %(default)s)")
+    p.add_argument("--widen", type=int, default=tune.widen,
+                   help="while the choice lands on an edge of the grid, evaluate the next value past it, up to this "
+                        "many times (default: %(default)s)")
     p.set_defaults(func=_cmd_tune)
-    p = sub.add_parser("paths", help="print where the bundled model and the task configs are (for --model hf / --include_path)")
+    p = sub.add_parser("paths",
+                       help="print where the bundled model and the task configs are (for --model hf / --include_path)")
     p.add_argument("--index", action="store_true", help="also prepare and print the default index")
     p.set_defaults(func=_cmd_paths)
     return parser

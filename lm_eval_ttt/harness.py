@@ -1,16 +1,16 @@
 """Common base of every ttt-nn harness model: documents retrieved for, scored, logged, resumed.
 
 ``NeighbourLM`` is an HFLM that adds one concern, as lm-eval's ``hf_steered`` does: it owns,
-for every request type the harness sends (``loglikelihood_rolling``, ``loglikelihood``,
-``generate_until``), the loop
+for every request type the harness sends (``documents.KINDS``), the loop
 
     group requests into documents -> skip documents already in the log -> retrieve every
     remaining document's neighbours up front (batched) -> per document (or batch of
     documents): the method scores it given its neighbours -> log it -> answer the harness
 
 Methods (ttt-nn and its baselines) only say how to score documents given neighbours
-(``score_document``), using ``stock_results`` for the harness's own scoring with the current
-weights. Everything that makes numbers comparable and trustworthy lives here once: the
+(``score_document``, or ``score_documents`` for a batch), using ``answers`` for the
+harness's own answers with the current weights (their token pairs scored by HFLM or by the
+method, or generated). Everything that makes numbers comparable and trustworthy lives here once: the
 settings identity (every argument that can change a score, HFLM's included, derived from
 the constructor's arguments), the per-document log and resume, refusing ``--use_cache``
 (keyed on request text only), the harness seed, one batch-size detection, and rank-local
@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -37,29 +39,43 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
-from .documents import REQUEST_TYPES, Document, group_documents, scatter
+from .documents import GENERATE, KINDS, LOGLIKELIHOOD, REQUEST_TYPES, ROLLING, Document, Pairs, group_documents, scatter
 from .metrics import utf8_bytes
 from .retriever import Neighbours, Retriever
-from .runlog import RunLog, global_rank, is_degraded, read_log
-from .settings import (ALIASES, ModelArgumentError, NeighbourSettings, RunSettings, hf_scoring_values,
-                       parse_model_args, scoring_values)
+from .runlog import RunLog, global_rank, is_degraded, rank_files, read_log
+from .settings import (
+    ALIASES,
+    ModelArgumentError,
+    NeighbourSettings,
+    RunSettings,
+    hf_scoring_values,
+    parse_model_args,
+    scoring_values,
+)
 
 LOG_FORMAT = 2  # bump when the meaning of a logged score changes
+# Every record carries what its document cost, in one shape for every method (what the
+# method did not spend stays 0): TrainWork.record()'s fields, scoring, reset and retrieval.
+NO_COST = {"train_steps": 0, "train_tokens": 0, "train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
 log = logging.getLogger("lm_eval_ttt")
 
 
 def harness_output_path() -> Path | None:
-    """``--output_path`` of the running evaluation, when the model is built inside
-    ``simple_evaluate`` (its ``evaluation_tracker`` is on the call stack then)."""
+    """``--output_path`` of the running evaluation, when the model is built inside lm-eval's
+    ``simple_evaluate``. lm-eval hands a model no output path (``create_from_arg_string``
+    passes batch size and device only), so this reads the ``evaluation_tracker`` argument
+    of the ``simple_evaluate`` call on the stack, that function's and no other's."""
+    from lm_eval import evaluator
+
+    code = inspect.unwrap(evaluator.simple_evaluate).__code__
     frame = inspect.currentframe()
-    while frame is not None:
-        tracker = frame.f_locals.get("evaluation_tracker")
-        path = getattr(tracker, "output_path", None)
-        if path:
-            path = Path(path)
-            return path.parent if path.suffix == ".json" else path
+    while frame is not None and frame.f_code is not code:
         frame = frame.f_back
-    return None
+    path = getattr(frame.f_locals.get("evaluation_tracker"), "output_path", None) if frame is not None else None
+    if not path:
+        return None
+    path = Path(path)
+    return path.parent if path.suffix == ".json" else path
 
 
 def _same(a, b) -> bool:
@@ -88,11 +104,13 @@ class NeighbourLM(HFLM):
 
     def __init__(self, pretrained=None, retriever: Retriever | None = None, **kwargs) -> None:
         harness_seed = torch.initial_seed()  # --seed's torch seed, set before the model is built
+        self._warned_k = False
         groups, hf_kwargs = parse_model_args(self.setting_groups, kwargs)  # errors before any loading
         self.settings_groups = groups
         self.run_settings: RunSettings = self.settings_of(RunSettings)
         self.neighbour_settings: NeighbourSettings | None = self.settings_of(NeighbourSettings)
         self.check_settings(hf_kwargs)
+        hf_kwargs = {**hf_kwargs, **self.implied_hf_kwargs()}
         s = self.neighbour_settings
         if retriever is not None and (s is None or s.index is not None):
             raise ModelArgumentError("pass either index= or an already built retriever, not both")
@@ -112,18 +130,25 @@ class NeighbourLM(HFLM):
         self.seed = self.run_settings.seed if self.run_settings.seed is not None else harness_seed
         self.k = s.k if s is not None else 0
         self.retriever = retriever
+        self._close = None  # closes the retriever this model opened (an injected one is its owner's)
         if self.retriever is None and self.k > 0:
             self.retriever = self.open_retriever(s)
+            self._close = weakref.finalize(self, self.retriever.close)  # at the latest when collected or at exit
         self._identity: dict | None = None
         self._summary = {"scored": 0, "resumed": 0, "degraded": 0}
 
     # -- settings -------------------------------------------------------------------------
     def check_settings(self, hf_kwargs: dict) -> None:
-        """Reject invalid combinations before the model loads (subclasses extend)."""
+        """Reject invalid combinations before the model loads (subclasses extend); reads,
+        never changes, the HFLM arguments."""
         s = self.neighbour_settings
         if s is not None and s.alpha is not None and s.select != "sift":
             raise ModelArgumentError("alpha (adaptive compute) needs select=sift")
         self._read_tuned()
+
+    def implied_hf_kwargs(self) -> dict:
+        """HFLM arguments the method's settings imply (training precision: scoring autocast)."""
+        return {}
 
     def settings_of(self, group: type):
         return next((g for g in self.settings_groups if isinstance(g, group)), None)
@@ -174,6 +199,11 @@ class NeighbourLM(HFLM):
         if data["method"] != self.method or (given is not None and not _same(given, data["chosen"])):
             raise ModelArgumentError(f"tuned={path} chose {data['param']}={data['chosen']} for {data['method']}, but "
                                      f"this run is {self.method} with {data['param']}={given}")
+        k = self.neighbour_settings.k if self.neighbour_settings is not None else None
+        if data.get("k") is not None and k is not None and data["k"] != k and not self._warned_k:
+            self._warned_k = True  # a value chosen at one k need not hold at another
+            warnings.warn(f"tuned={path}: {data['param']}={data['chosen']} was tuned at k={data['k']}; this run uses "
+                          f"k={k}", UserWarning, stacklevel=2)
         return data
 
     def tuned(self) -> dict | None:
@@ -186,15 +216,21 @@ class NeighbourLM(HFLM):
         if used is None or not _same(used, data["chosen"]):
             raise ModelArgumentError(f"tuned={self.run_settings.tuned} chose {data['param']}={data['chosen']} for "
                                      f"{data['method']}, but this run is {self.method} with {data['param']}={used}")
-        return {"param": data["param"], "value": data["chosen"], "reason": data.get("reason"),
+        return {"param": data["param"], "value": data["chosen"], "k": data.get("k"), "reason": data.get("reason"),
                 "file": str(self.run_settings.tuned), "validation": data["validation"]}
 
+    def close(self) -> None:
+        """Close the index connections and corpus files this model opened (idempotent)."""
+        if self._close is not None:
+            self._close()
+
     def get_model_info(self) -> dict:
-        """Lands in the harness results JSON: the log, the settings, and degraded documents."""
+        """Lands in the harness results JSON: the log files, the settings, and degraded documents."""
         records = read_log(self.log_stem).values()
         degraded = [r for r in records if is_degraded(r)]
         return {**super().get_model_info(), "ttt_nn": {
-            "log": str(self.log_stem.resolve()),
+            "log_files": [str(p.resolve()) for p in rank_files(self.log_stem)],
+            "settings_file": str(RunLog.settings_path_of(self.log_stem).resolve()),
             "pretrained": self._pretrained_loaded,
             "settings": json.loads(self._identity_json()),
             "documents_in_log": len(records),
@@ -241,18 +277,27 @@ class NeighbourLM(HFLM):
         for context, continuation in (r.args for r in document.requests):
             if context == "":
                 cont = self.tok_encode(continuation, add_special_tokens=False)
-                pairs.append(([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1], cont[1:]))
+                pairs.append(([self.prefix_token_id], cont) if self.prefix_token_id != cont[0] else (cont[:1],
+                                                                                                     cont[1:]))
             else:
                 pairs.append(self._encode_pair(context, continuation))
         return pairs
 
-    def stock_results(self, document: Document) -> list:
-        """The harness's answers for the document's requests with the current weights."""
-        if document.request_type == "loglikelihood_rolling":
-            return [sum(ll for ll, _ in self.score_windows(self.windows(document.text)))]
-        if document.request_type == "loglikelihood":
-            return [list(r) for r in self.score_windows(self.encode_pairs(document))]
-        return HFLM.generate_until(self, document.requests, disable_tqdm=True)
+    def answers(self, document: Document, score=None, window: int | None = None, context: list[int] = ()) -> list:
+        """The harness's answers to the document's requests with the current weights.
+
+        Likelihood requests: the document's token pairs (a rolling text's windows of at most
+        ``window`` tokens, a question's choices), each context preceded by the ``context``
+        tokens, scored by ``score(pairs)`` (default: HFLM's own scoring). Generation: each
+        prompt after the text of ``context``, generated with its gen_kwargs."""
+        kind = document.kind
+        if kind.pairs is None:
+            prefix = self.tok_decode(list(context), skip_special_tokens=False) if context else ""
+            requests = [Instance(r.request_type, r.doc, (prefix + r.args[0], *r.args[1:]), r.idx, r.metadata)
+                        for r in document.requests] if prefix else document.requests
+            return HFLM.generate_until(self, requests, disable_tqdm=True)
+        pairs: Pairs = [(list(context) + ctx, cont) for ctx, cont in kind.pairs(self, document, window)]
+        return kind.fold((score or self.score_windows)(pairs))
 
     # -- what methods implement ------------------------------------------------------------
     def score_document(self, document: Document, neighbours: Neighbours) -> dict:
@@ -345,7 +390,7 @@ class NeighbourLM(HFLM):
                                   # the harness scores a repeated request (same text) once per copy
                                   **({"copies": len(document.positions[0])} if len(document.positions[0]) > 1
                                      else {}),
-                                  **neighbours.record(), "retrieve_s": seconds, **record}
+                                  **neighbours.record(), **NO_COST, "retrieve_s": seconds, **record}
                         run_log.append(record)
                         finished[document.key] = record
                         self._summary["scored"] += 1
@@ -358,14 +403,13 @@ class NeighbourLM(HFLM):
                         "logged as such and will be scored again by the next run", len(degraded), len(documents),
                         sorted({s for m in degraded for s in m}))
         answers = [finished[d.key]["results"] for d in documents]
-        out = scatter(documents, answers, len(requests))
-        return [tuple(a) for a in out] if request_type == "loglikelihood" else out
+        return [KINDS[request_type].to_harness(a) for a in scatter(documents, answers, len(requests))]
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        return self._run("loglikelihood_rolling", requests, disable_tqdm)
+        return self._run(ROLLING, requests, disable_tqdm)
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._run("loglikelihood", requests, disable_tqdm)
+        return self._run(LOGLIKELIHOOD, requests, disable_tqdm)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        return self._run("generate_until", requests, disable_tqdm)
+        return self._run(GENERATE, requests, disable_tqdm)

@@ -22,36 +22,42 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .settings import ModelArgumentError, TrainSettings
-from .ttt import TTTConfig, chunk_tokens
+from .trainer import TrainWork
+from .ttt import TTTConfig, chunk_tokens, padded_batch, row_losses
 
-# Chosen by `ttt-nn tune` on 8 validation documents of the bundled index (SmolLM2-135M, k=5,
-# 256-token neighbours, rank 8): validation bits per byte 0.908 / 0.890 / 0.850 / 0.833 /
-# 1.010 / 8.71 at lr 1e-4 / 3e-4 / 1e-3 / 3e-3 / 1e-2 / 3e-2 (docs/bench/tune-lora-lr.json).
-DEFAULT_LORA_LR = 3e-3
 ADAPTER = "default"
 
 
-def lora_config(t: TrainSettings):
+def lora_config(t: TrainSettings, model: torch.nn.Module | None = None, blocks=None):
+    """peft's LoraConfig for the settings. ``blocks`` (a ``trainers.Blocks`` stack and the
+    indices of its top blocks, ``trainers.top_layers``) limits the adapters to the linear
+    layers inside those blocks of ``model``, named by their full paths."""
     from peft import LoraConfig
 
+    targets = list(t.lora_targets) if t.lora_targets else "all-linear"
+    if blocks is not None:
+        stack, top = blocks
+        inside = {id(m) for i in top for m in stack.stack[i].modules()}
+        targets = [name for name, m in model.named_modules() if id(m) in inside and isinstance(m, torch.nn.Linear)
+                   and (not t.lora_targets or name.rsplit(".", 1)[-1] in t.lora_targets)]
     return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
-                      target_modules=list(t.lora_targets) if t.lora_targets else "all-linear")
+                      target_modules=targets)
 
 
-def add_lora(model: torch.nn.Module, t: TrainSettings, seed: int):
+def add_lora(model: torch.nn.Module, t: TrainSettings, seed: int, blocks=None):
     """The model wrapped with fresh adapters (initialised from ``seed``), base frozen."""
     from peft import get_peft_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, lora_config(t))
+            return get_peft_model(model, lora_config(t, model, blocks))
         except (ValueError, TypeError, KeyError, NotImplementedError) as e:
             raise ModelArgumentError(f"adapter=lora: peft cannot adapt {type(model).__name__} ({e}); name the layers "
                                      f"to adapt with lora_targets=, e.g. lora_targets=q_proj:v_proj") from e
@@ -134,9 +140,10 @@ class BatchedAdamW:
             p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
+    def step(self, active: torch.Tensor, lr: float | None = None) -> None:
         beta1, beta2 = self.betas
-        lr, eps, wd = self.config.lr, self.config.eps, self.config.weight_decay
+        lr = self.config.lr if lr is None else lr
+        eps, wd = self.config.eps, self.config.weight_decay
         self.steps[active.cpu()] += 1
         steps = self.steps.clamp(min=1)
         step_size = (lr / (1 - beta1 ** steps)).to(torch.float32)
@@ -167,55 +174,57 @@ class BatchedAdamW:
 
 
 class BatchedLoRATrainer:
-    """Up to ``slots`` documents trained at once, each on its own neighbours and adapter."""
+    """Up to ``slots`` documents trained at once, each on its own sequences and adapter (a
+    ``trainer.Trainer``)."""
 
     __test__ = False
 
     def __init__(self, adapters: BatchedLoRA, config: TTTConfig, pad_id: int):
         self.adapters, self.config, self.pad_id = adapters, config, pad_id
+        self.slots = adapters.slots
         self.model = adapters.model
         self.device = next(self.model.parameters()).device
         self.optimizer = BatchedAdamW(adapters.parameters(), config, adapters.slots)
-        self.skipped_steps = 0  # fp32 only: no step is ever skipped
+        self._work = [TrainWork() for _ in range(self.slots)]
+
+    @property
+    def lr(self) -> float:
+        return self.config.lr
 
     def _losses(self, rows: list[list[int]]) -> torch.Tensor:
-        """Mean next-token loss of each row (right-padded batch; causal attention keeps the
-        real tokens blind to the padding after them)."""
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, device=self.device)
-        labels = torch.full((len(rows), width), -100, device=self.device)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            labels[i, : len(row)] = ids[i, : len(row)]
-        logits = self.model(input_ids=ids).logits[:, :-1].float()
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-        counts = (labels[:, 1:] != -100).sum(1)
-        return token_loss.sum(1) / counts
+        """Mean next-token loss of each row of a right-padded batch."""
+        ids, _, labels = padded_batch(rows, self.pad_id, self.device)
+        sums, counts = row_losses(self.model(input_ids=ids).logits, labels)
+        return sums / counts
 
-    def train(self, neighbour_tokens: list[list[list[int]]]) -> list[list[list[float]]]:
-        """Per document, its neighbours' token lists in training order; returns per document
-        its per-neighbour chunk losses. Step t trains chunk t of every document that has one."""
+    def train(self, documents: Sequence[Sequence[Sequence[int]]], lr: float | None = None) -> list[list[list[float]]]:
+        """Step t trains chunk t of every document that has one; a step's time is shared
+        evenly by the documents in it."""
         per_doc = []
-        for neighbours in neighbour_tokens:
+        for sequences in documents:
             chunks = []
-            for n, tokens in enumerate(neighbours):
-                chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length, self.config.max_neighbor_tokens)]
+            for n, tokens in enumerate(sequences):
+                chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length,
+                                                        self.config.max_neighbor_tokens)]
             per_doc.append(chunks)
-        losses: list[list[list[torch.Tensor]]] = [[[] for _ in n] for n in neighbour_tokens]
+        losses: list[list[list[torch.Tensor]]] = [[[] for _ in n] for n in documents]
         self.model.train()
         try:
             for t in range(max(map(len, per_doc), default=0)):
+                start = time.perf_counter()
                 active = [d for d, chunks in enumerate(per_doc) if t < len(chunks)]
                 with torch.enable_grad(), self.adapters.use(active):
-                    row_losses = self._losses([per_doc[d][t][1] for d in active])
-                    row_losses.sum().backward()
+                    row_loss = self._losses([per_doc[d][t][1] for d in active])
+                    row_loss.sum().backward()
                 mask = torch.zeros(self.adapters.slots, dtype=torch.bool)
                 mask[active] = True
                 self.optimizer.clip()
-                self.optimizer.step(mask)
+                self.optimizer.step(mask, lr)
                 self.optimizer.zero_grad()
-                for d, loss in zip(active, row_losses.detach()):
+                seconds = (time.perf_counter() - start) / len(active)
+                for d, loss in zip(active, row_loss.detach()):
                     losses[d][per_doc[d][t][0]].append(loss)
+                    self._work[d].add(1, 0, len(per_doc[d][t][1]), seconds)
         finally:
             self.model.eval()
         flat = [x for doc in losses for n in doc for x in n]
@@ -225,6 +234,13 @@ class BatchedLoRATrainer:
         it = iter(values)
         return [[[next(it) for _ in n] for n in doc] for doc in losses]
 
+    def weights(self, slots: int | Sequence[int]) -> contextlib.AbstractContextManager:
+        return self.adapters.use(slots)
+
+    def work(self) -> list[TrainWork]:
+        return self._work
+
     def reset(self) -> None:
         self.adapters.reset()
         self.optimizer.reset()
+        self._work = [TrainWork() for _ in range(self.slots)]

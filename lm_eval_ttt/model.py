@@ -1,28 +1,31 @@
 """``--model ttt-nn``: train on each document's neighbours before scoring it.
 
 Per document (a rolling text, a multiple-choice question, a generation prompt), given its
-neighbours (nearest first, or as selected): one AdamW step per chunk of each neighbour ->
-the harness's own scoring of all the document's requests -> restore weights and optimizer.
-With k = 0 nothing is trained and the answers are ``--model hf``'s. ``eval_at_k`` adds
-scoring points on the way (the paper's curve) without re-scoring after every neighbour.
-With ``adapter=lora, doc_batch=B`` the same happens for B documents at once, each with its
-own adapter.
+neighbours (nearest first, or as selected): training steps on the chunks of each neighbour
+-> the harness's own scoring of all the document's requests -> restore weights and
+optimizer. With k = 0 nothing is trained and the answers are ``--model hf``'s.
+``eval_at_k`` adds scoring points on the way (the paper's curve) without re-scoring after
+every neighbour. ``dyneval_iterations`` scores a rolling document by dynamic evaluation
+after the neighbours (``dyneval.py``). With ``adapter=lora, doc_batch=B`` the same happens
+for B documents at once, each with its own adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 from index_server.encoder import CHARS_PER_TOKEN_BOUND
 
-from .documents import Document
+from .documents import KINDS, REQUEST_TYPES, Document
+from .dyneval import score_dynamically
 from .harness import NeighbourLM
-from .lora import BatchedLoRATrainer
 from .retriever import Neighbours
 from .scoring import continuation_scores
 from .settings import ModelArgumentError, NeighbourSettings, RunSettings, TrainSettings, TTTSettings
-from .trainers import build_trainer, check_train_settings, step_counts
+from .trainer import TrainWork
+from .trainers import build_trainer, check_train_settings, implied_hf_kwargs
 
 
 def scoring_points(eval_at_k: tuple[int, ...] | None, k: int) -> list[int]:
@@ -42,9 +45,15 @@ class TTTNNLM(NeighbourLM):
         self.train_settings = self.settings_of(TrainSettings)
         self.ttt_settings = self.settings_of(TTTSettings)
         self.eval_at_k = scoring_points(self.ttt_settings.eval_at_k, self.k)
-        # k=0 never trains: no trainer, so no copy of the weights either
-        self.trainer = build_trainer(self, self.train_settings, self.ttt_settings.max_neighbor_tokens,
-                                     self.ttt_settings.reset_optimizer) if self.k > 0 else None
+        self.trainer = None  # k=0 without dynamic evaluation never trains: no trainer, no copy of the weights
+        if self.k > 0 or self.ttt_settings.dyneval_iterations:
+            self._model, self.trainer = build_trainer(
+                self.model, self.train_settings, max_length=self.max_length, seed=self.seed,
+                pad_id=self.tokenizer.pad_token_id or 0, peft_loaded=bool(self.peft),
+                max_neighbor_tokens=self.ttt_settings.max_neighbor_tokens,
+                reset_optimizer=self.ttt_settings.reset_optimizer, neighbour_batch=self.ttt_settings.neighbour_batch)
+        if self.ttt_settings.dyneval_iterations:  # dynamic evaluation learns from a scored text: rolling tasks only
+            self.request_types = tuple(name for name in REQUEST_TYPES if KINDS[name].own_text)
 
     def check_settings(self, hf_kwargs: dict) -> None:
         super().check_settings(hf_kwargs)
@@ -54,9 +63,20 @@ class TTTNNLM(NeighbourLM):
         if train.doc_batch > 1 and not ttt.reset_optimizer:
             raise ModelArgumentError("doc_batch > 1 resets every document's adapter and Adam state: "
                                      "reset_optimizer=false needs doc_batch=1")
+        if train.doc_batch > 1 and ttt.neighbour_batch > 1:
+            raise ModelArgumentError("doc_batch > 1 already batches the documents' chunks: neighbour_batch must be 1")
+        if ttt.dyneval_iterations and train.doc_batch > 1:
+            raise ModelArgumentError("dyneval_iterations scores each document window by window with its own steps: "
+                                     "doc_batch must be 1")
+        if ttt.dyneval_iterations and ttt.eval_at_k:
+            raise ModelArgumentError("dyneval_iterations changes the weights while the document is scored, so there "
+                                     "is no curve over k: drop eval_at_k")
+
+    def implied_hf_kwargs(self) -> dict:
+        return implied_hf_kwargs(self.settings_of(TrainSettings))
 
     def identity(self) -> dict:
-        return {**super().identity(), "lr": self.trainer.config.lr if self.trainer else None}
+        return {**super().identity(), "lr": self.trainer.lr if self.trainer else None}
 
     def training_order(self, neighbours: Neighbours) -> Neighbours:
         """Farthest first (the order ablation) reverses the neighbours; their sigmas follow
@@ -71,84 +91,91 @@ class TTTNNLM(NeighbourLM):
         texts = [t[: cap * CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
         return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
-    @property
-    def batched(self) -> bool:
-        return isinstance(self.trainer, BatchedLoRATrainer)
-
     def document_batches(self, documents: list[Document]) -> list[list[Document]]:
-        """doc_batch documents at a time, similar lengths together (less padding)."""
-        if not self.batched:
+        """As many documents as the trainer trains at once, similar lengths together (less padding)."""
+        size = self.trainer.slots if self.trainer is not None else 1
+        if size == 1:
             return super().document_batches(documents)
         ordered = sorted(documents, key=lambda d: len(d.text))
-        size = self.train_settings.doc_batch
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def _train(self, tokens: list[list[list[int]]]) -> list[list[list[float]]]:
-        """Per document, its chunk losses per neighbour; one document unless batched."""
-        if self.batched:
-            return self.trainer.train(tokens)
-        return [self.trainer.train(tokens[0])]
+    def _weights(self, slot: int):
+        return self.trainer.weights(slot) if self.trainer is not None else contextlib.nullcontext()
 
     def _results(self, documents: list[Document]) -> list[list]:
-        """Each document's answers with the current weights (its own adapter when batched)."""
-        if not self.batched:
-            return [self.stock_results(d) for d in documents]
-        adapters = self.trainer.adapters
+        """Each document's answers with its own trained weights: one document through HFLM's
+        own scoring; a batch with one forward pass per batch of pairs, row i with the weights
+        of its document (generations one document at a time)."""
+        if len(documents) == 1:
+            with self._weights(0):
+                return [self.answers(documents[0])]
         pairs, owners = [], []
         for slot, document in enumerate(documents):
-            if document.request_type == "loglikelihood_rolling":
-                doc_pairs = self.windows(document.text)
-            elif document.request_type == "loglikelihood":
-                doc_pairs = self.encode_pairs(document)
-            else:
-                continue  # generated below, one document at a time with its adapter
-            pairs += doc_pairs
-            owners += [slot] * len(doc_pairs)
+            if document.kind.pairs is not None:
+                doc_pairs = document.kind.pairs(self, document, None)
+                pairs += doc_pairs
+                owners += [slot] * len(doc_pairs)
         scored = continuation_scores(self, pairs, batch=self.batch_size * len(documents),
-                                     rows=lambda indices: adapters.use([owners[i] for i in indices]))
+                                     rows=lambda indices: self.trainer.weights([owners[i] for i in indices]))
         results = []
         for slot, document in enumerate(documents):
-            mine = [x for x, owner in zip(scored, owners) if owner == slot]
-            if document.request_type == "loglikelihood_rolling":
-                results.append([sum(ll for ll, _ in mine)])
-            elif document.request_type == "loglikelihood":
-                results.append([list(x) for x in mine])
+            if document.kind.pairs is None:
+                with self.trainer.weights(slot):
+                    results.append(self.answers(document))
             else:
-                with adapters.use(slot):
-                    results.append(self.stock_results(document))
+                results.append(document.kind.fold([x for x, owner in zip(scored, owners) if owner == slot]))
         return results
 
     def score_documents(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
-        """Train up to each scoring point, score, and reset at the end. With doc_batch > 1 the
-        batch trains at once and its timings are split evenly over its documents."""
+        """Train up to each scoring point, score, and reset at the end. A batch's scoring and
+        reset time is split evenly over its documents; training time is the trainer's own
+        account per document."""
         tokens = [self.neighbour_tokens(n) for n in neighbours]
         scores: list[dict] = [{} for _ in documents]
         losses: list[list] = [[] for _ in documents]
-        timings = {"train_s": 0.0, "score_s": 0.0, "reset_s": 0.0}
-        done, scored_at = 0, None
+        extra: list[dict] = [{} for _ in documents]
+        score_s, done, scored_at = 0.0, 0, None
+        work = [TrainWork() for _ in documents]
         try:
             for point in self.eval_at_k:
-                t = time.perf_counter()
                 if point > done:
-                    for i, trained in enumerate(self._train([tok[done:point] for tok in tokens])):
+                    for i, trained in enumerate(self.trainer.train([tok[done:point] for tok in tokens])):
                         losses[i] += trained
                 done = point
-                timings["train_s"] += time.perf_counter() - t
                 reached = [min(point, len(tok)) for tok in tokens]
                 if reached == scored_at:
                     continue  # no document has a neighbour left to train on: same weights, same scores
-                t = time.perf_counter()
-                for i, results in enumerate(self._results(documents)):
-                    scores[i][str(reached[i])] = results
+                if self.ttt_settings.dyneval_iterations:
+                    results, extra[0], seconds = self._score_dynamically(documents[0])
+                    results = [results]
+                else:
+                    start = time.perf_counter()
+                    results = self._results(documents)
+                    seconds = time.perf_counter() - start
+                score_s += seconds
+                for i, result in enumerate(results):
+                    scores[i][str(reached[i])] = result
                 scored_at = reached
-                timings["score_s"] += time.perf_counter() - t
+            if self.trainer is not None:
+                work = [dataclasses.replace(w) for w in self.trainer.work()[: len(documents)]]
         finally:
-            t = time.perf_counter()
-            skipped = self.trainer.skipped_steps if self.trainer is not None else 0
+            start = time.perf_counter()
             if self.trainer is not None:
                 self.trainer.reset()
-            timings["reset_s"] = time.perf_counter() - t
-        share = {key: value / len(documents) for key, value in timings.items()}
+            reset_s = time.perf_counter() - start
+        n = len(documents)
         return [{"results": scores[i][str(min(self.k, len(tokens[i])))], "results_at_k": scores[i],
-                 "chunk_losses": losses[i], **step_counts(sum(map(len, losses[i])), skipped),
-                 **({"doc_batch": len(documents)} if self.batched else {}), **share} for i in range(len(documents))]
+                 "chunk_losses": losses[i], **work[i].record(), **extra[i], "score_s": score_s / n,
+                 "reset_s": reset_s / n, **({"doc_batch": n} if self.trainer is not None and self.trainer.slots > 1
+                                            else {})} for i in range(n)]
+
+    def _score_dynamically(self, document: Document) -> tuple[list, dict, float]:
+        """Dynamic evaluation after the neighbours: the answers, the log fields that tell the
+        steps on the neighbours from those on the document, and the scoring seconds."""
+        on_neighbours = dataclasses.replace(self.trainer.work()[0])
+        results, window_lls, seconds = score_dynamically(self, self.trainer, document,
+                                                          self.ttt_settings.dyneval_iterations,
+                                                          lr=self.ttt_settings.dyneval_lr)
+        total = self.trainer.work()[0]
+        return results, {"neighbour_steps": on_neighbours.steps, "document_steps": total.steps - on_neighbours.steps,
+                         "document_tokens": total.tokens - on_neighbours.tokens, "window_lls": window_lls}, seconds

@@ -1,13 +1,15 @@
 """``ttt-nn report``: Markdown tables and plots from harness results.
 
 Reads the harness's ``results_*.json`` (any model: ``--model hf`` is the base) and, for our
-models, the per-document log whose stem the model wrote into the results
-(``config.ttt_nn.log``; every rank's file is read). Tables: one row per task and method
+models, the per-document log files the model named in the results
+(``config.ttt_nn.log_files``, one per rank). Tables: one row per task and method
 (bits per byte, byte and word perplexity, the fraction of the base model's bits per byte
-kept, documents, gradient steps per document, wall time), and bits per byte against gradient
-steps spent, so nearest, SIFT and adaptive selection compare at equal compute. Plots: bits
-per byte versus k per task (from ``eval_at_k`` scores), versus gradient steps, before/after
-bars per task and method, and training seconds per neighbour.
+kept, documents, gradient steps per document, wall time), bits per byte against gradient
+steps spent, so nearest, SIFT and adaptive selection compare at equal steps, and bits per
+byte against seconds per document with each task's Pareto front, so methods compare at equal
+compute. Plots: bits per byte versus k per task (from ``eval_at_k`` scores), versus gradient
+steps, versus seconds per document, before/after bars per task and method, and training
+seconds per neighbour.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from index_server.atomic import atomic_write
+
+from .documents import ROLLING
 from .metrics import METRICS, bits_per_byte
-from .runlog import read_log
+from .runlog import document_seconds, merged_records
 
 
 @dataclass
@@ -38,6 +43,20 @@ class Run:
     def steps_per_document(self) -> float | None:
         docs = [r for r in self.records if "train_steps" in r]
         return sum(r["train_steps"] for r in docs) / len(docs) if docs else None
+
+    def per_document(self, field: str) -> float | None:
+        docs = [r for r in self.records if field in r]
+        return sum(r[field] for r in docs) / len(docs) if docs else None
+
+    @property
+    def seconds_per_document(self) -> tuple[float, bool] | None:
+        """(seconds per document, whether they come from the log): the logged retrieval,
+        training, scoring and reset; a run without a log (``--model hf``) has its wall time
+        over its documents, model loading included."""
+        docs = [r for r in self.records if "score_s" in r]
+        if docs:
+            return sum(map(document_seconds, docs)) / len(docs), True
+        return (self.wall_s / self.documents, False) if self.documents and math.isfinite(self.wall_s) else None
 
 
 def _label(config: dict) -> tuple[str, str]:
@@ -99,9 +118,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
         config = data.get("config", {})
         method, label = _label(config)
         info = config.get("ttt_nn") or {}
-        log, model = info.get("log"), _model_of(config)
+        model = _model_of(config)
         resumed = int((info.get("this_process") or {}).get("resumed", 0))
-        records = list(read_log(Path(log)).values()) if log else []
+        records = list(merged_records(map(Path, info.get("log_files", ()))).values())
         for task, row in data["results"].items():
             if f"{METRICS[0]},none" not in row:
                 continue
@@ -141,7 +160,7 @@ def markdown_table(runs: list[Run]) -> str:
 
 def curve_points(run: Run) -> list[tuple[int, float, float]]:
     """(k, gradient steps per document up to k, bits per byte) from ``results_at_k``."""
-    docs = [r for r in run.records if "results_at_k" in r and r.get("request_type") == "loglikelihood_rolling"]
+    docs = [r for r in run.records if "results_at_k" in r and r.get("request_type") == ROLLING]
     if not docs:
         return []
     copies = [r.get("copies", 1) for r in docs]  # weighted as the harness weighs repeated documents
@@ -173,6 +192,37 @@ def steps_table(runs: list[Run]) -> str:
             points = [("-", run.steps_per_document, run.metrics["bits_per_byte"])]
         for k, steps, bpb in points:
             lines.append(f"| {run.task} | {run.label} | {k} | {steps:.1f} | {bpb:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (seconds, bits per byte) points no other point beats on both (at most
+    as many seconds and fewer bits per byte, or fewer seconds and at most as many bits)."""
+    front, best = [], math.inf
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1])):
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _costed(runs: list[Run], task: str) -> list[tuple[Run, float, bool]]:
+    return [(r, *r.seconds_per_document) for r in runs if r.task == task and r.seconds_per_document is not None]
+
+
+def cost_table(runs: list[Run]) -> str:
+    """Bits per byte against seconds per document, with each task's Pareto front marked."""
+    lines = ["| task | method | s/doc | train s/doc | score s/doc | train tokens/doc | bits/byte | Pareto front |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task in sorted({r.task for r in runs}):
+        costed = _costed(runs, task)
+        front = set(pareto_front([(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]))
+        for i, (run, seconds, logged) in sorted(enumerate(costed), key=lambda x: x[1][1]):
+            parts = [run.per_document(f) for f in ("train_s", "score_s", "train_tokens")]
+            cells = ["-" if v is None else f"{v:.1f}" if f != "train_tokens" else f"{v:.0f}"
+                     for v, f in zip(parts, ("train_s", "score_s", "train_tokens"))]
+            lines.append(f"| {task} | {run.label} | {seconds:.1f}{'' if logged else ' (wall)'} | {' | '.join(cells)} | "
+                         f"{run.metrics['bits_per_byte']:.4f} | {'yes' if i in front else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +264,7 @@ def _plot_curves(runs: list[Run], out: Path, x: int, xlabel: str) -> Path:
 def plot_bars(runs: list[Run], out: Path) -> Path:
     plt = _pyplot()
     tasks = sorted({r.task for r in runs})
-    labels = sorted({r.label for r in runs}, key=lambda l: (not l.startswith("hf"), l))
+    labels = sorted({r.label for r in runs}, key=lambda label: (not label.startswith("hf"), label))
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(4 + 0.6 * len(tasks) * len(labels), 4))
     for i, label in enumerate(labels):
@@ -244,13 +294,35 @@ def plot_cost(runs: list[Run], out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_seconds(runs: list[Run], out: Path) -> Path:
+    """Bits per byte against seconds per document, every run a point, the Pareto front drawn."""
+    plt = _pyplot()
+    tasks = sorted({r.task for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(9 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        costed = _costed(runs, task)
+        points = [(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]
+        for (run, _, logged), (x, y) in zip(costed, points):
+            ax.plot([x], [y], marker="o" if logged else "s", linestyle="",
+                    label=run.label + ("" if logged else " (wall)"))
+        front = pareto_front(points)
+        if front:
+            ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black",
+                    linewidth=1, alpha=0.6, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel="seconds per document (log scale)", ylabel="bits per byte")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, out)
+
+
 def write_report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     runs = load_runs(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(runs) + "\n" + steps_table(runs)
+    table = markdown_table(runs) + "\n" + steps_table(runs) + "\n" + cost_table(runs)
     plots = [_plot_curves(runs, out_dir / "bpb_vs_k.png", 0, "neighbours trained on (k)"),
              _plot_curves(runs, out_dir / "bpb_vs_steps.png", 1, "gradient steps per document"),
-             plot_bars(runs, out_dir / "bpb_by_method.png"), plot_cost(runs, out_dir / "train_cost.png")]
+             plot_bars(runs, out_dir / "bpb_by_method.png"), plot_cost(runs, out_dir / "train_cost.png"),
+             plot_seconds(runs, out_dir / "bpb_vs_seconds.png")]
     body = "# ttt-nn report\n\n" + table + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
-    (out_dir / "report.md").write_text(body)
+    atomic_write(out_dir / "report.md", body)
     return table, plots

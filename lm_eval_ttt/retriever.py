@@ -1,10 +1,11 @@
 """Neighbours of a document: retrieval, the neighbour cache, filters and selection.
 
 The harness models only see ``Retriever.neighbours(text, k) -> Neighbours`` (and
-``prefetch`` to retrieve a whole rank's documents up front in batches). Queries are embedded
-here with the encoder the index manifest names; the index itself comes from
-``index_server.open_index`` with every option, so the model never knows which backend
-answers or how shards lie on disk.
+``prefetch`` to retrieve a whole rank's documents up front in batches). The retriever holds a
+``KnnIndex`` (``index_server.index``: opened by ``open_index`` with every option, so the
+model never knows which backend answers or how shards lie on disk) and an encoder with
+``encode(texts) -> float32 rows`` (by default the one the index manifest names; tests
+inject small fakes of both).
 
 Stages: candidates (the index's top K, cached on disk per query: neighbours do not depend on
 the LM, so one retrieval serves every model, k and selector) -> filters (ids excluded by the
@@ -28,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from index_server.encoder import EncoderConfig, TextEncoder
-from index_server.options import open_index
+from index_server.index import KnnIndex, open_index
 
 from .documents import text_key
 from .jsonl import append_record, lock_for, read_records
@@ -123,14 +124,17 @@ class NeighbourCache:
 class Retriever:
     """Neighbours from an open index, chosen as ``settings`` (``NeighbourSettings``) say."""
 
-    def __init__(self, index, settings: NeighbourSettings, cache_dir: Path | None = None, device: str = "cpu"):
+    def __init__(self, index: KnnIndex, settings: NeighbourSettings, cache_dir: Path | None = None,
+                 device: str = "cpu", encoder=None):
         self.index = index
         self.config = settings
         self.manifest = index.manifest
         if settings.max_distance is not None and self.manifest.metric != "l2":
             raise ValueError("max_distance needs an l2 index (this one ranks by inner product)")
-        encoder = self.manifest.encoder
-        self.encoder = TextEncoder(EncoderConfig(encoder["name_or_path"], encoder["max_tokens"]), device=device)
+        if encoder is None:
+            named = self.manifest.encoder
+            encoder = TextEncoder(EncoderConfig(named["name_or_path"], named["max_tokens"]), device=device)
+        self.encoder = encoder
         # The search settings in effect that change an approximate index's answers (Flat: none).
         knobs = index.knobs
         ivf, hnsw = "IVF" in self.manifest.factory, "HNSW" in self.manifest.factory

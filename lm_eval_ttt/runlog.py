@@ -20,9 +20,17 @@ from pathlib import Path
 
 from filelock import Timeout
 
+from index_server.atomic import atomic_write
+
 from .jsonl import append_record, lock_for, read_records
 
 WAIT_MESSAGE_EVERY_S = 30.0
+# A document's logged seconds: together, what scoring it cost (model loading excluded).
+TIMINGS = ("retrieve_s", "train_s", "score_s", "reset_s")
+
+
+def document_seconds(record: dict) -> float:
+    return sum(record.get(t, 0.0) for t in TIMINGS)
 
 
 def global_rank(local_rank: int) -> int:
@@ -41,14 +49,19 @@ def rank_files(stem: Path) -> list[Path]:
     return sorted(stem.parent.glob(f"{stem.name}.rank*.jsonl"))
 
 
-def read_log(stem: Path) -> dict[str, dict]:
-    """The latest record of every document in all rank files of a log."""
+def merged_records(paths) -> dict[str, dict]:
+    """The latest record of every document in the given log files."""
     merged: dict[str, dict] = {}
-    for path in rank_files(stem):
+    for path in paths:
         for record in read_records(path):
             if "doc_key" in record:
                 merged[record["doc_key"]] = record
     return merged
+
+
+def read_log(stem: Path) -> dict[str, dict]:
+    """The latest record of every document in all rank files of a log."""
+    return merged_records(rank_files(stem))
 
 
 def is_degraded(record: dict) -> bool:
@@ -66,7 +79,11 @@ class RunLog:
 
     @property
     def settings_path(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".settings.json")
+        return self.settings_path_of(self.stem)
+
+    @staticmethod
+    def settings_path_of(stem: Path) -> Path:
+        return stem.with_name(stem.name + ".settings.json")
 
     def __enter__(self) -> RunLog:
         self.stem.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +97,7 @@ class RunLog:
                 print(f"ttt-nn: waiting for another run writing {self.path} ({waited:.0f} s); it will score the "
                       f"documents this run would repeat", file=sys.stderr, flush=True)
         if not self.settings_path.is_file():
-            tmp = self.settings_path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True, default=str) + "\n")
-            os.replace(tmp, self.settings_path)
+            atomic_write(self.settings_path, json.dumps(self.settings, indent=2, sort_keys=True, default=str) + "\n")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,9 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index_server.options import IndexOptions
+from index_server.options import NLIST_PER_NPROBE, REFINE_FACTOR, IndexOptions
 
 _DEFAULT_INDEX_OPTIONS = IndexOptions()
+
+# The paper's constant learning rates of full test-time training: GPT-2 up to 774M, and from
+# GPT-Neo 1.3B on.
+PAPER_LR_SMALL, PAPER_LR_LARGE, LARGE_MODEL_PARAMS = 2e-5, 5e-6, 1_000_000_000
+# Chosen by `ttt-nn tune` on validation documents of the bundled index (SmolLM2-135M,
+# 256-token neighbours, rank 8) at DEFAULT_LORA_LR_K neighbours (README
+# "Choosing hyperparameters"; docs/bench/tune-lora-lr.json).
+DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 3e-3, 5
+# Dynamic evaluation's rate, chosen by `ttt-nn tune` for ttt-nn-dyneval (README "Comparing methods").
+DEFAULT_DYNEVAL_LR = 2e-4
+# Training and scoring arithmetic: precision name -> torch dtype name (None: fp32 throughout).
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 def arg(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -85,15 +97,14 @@ class NeighbourSettings:
     index_tls_ca: str | None = arg(None, "gRPC: PEM root certificate of TLS servers", scoring=False)
     # Search knobs reach the settings identity through the retriever's signature, which
     # counts them only for index types whose answers they change.
-    index_nprobe: int | None = arg(_DEFAULT_INDEX_OPTIONS.nprobe, "IVF lists probed per query (default: the "
-                                                                  "server's, else the index's: nlist/32)", minimum=1,
-                                   scoring=False)
+    index_nprobe: int | None = arg(_DEFAULT_INDEX_OPTIONS.nprobe,
+                                   f"IVF lists probed per query (default: the server's, else the index's: "
+                                   f"nlist/{NLIST_PER_NPROBE})", minimum=1, scoring=False)
     index_ef_search: int | None = arg(_DEFAULT_INDEX_OPTIONS.ef_search, "HNSW efSearch (default: the server's, else "
                                                                         "Faiss's)", minimum=1, scoring=False)
-    index_refine_factor: int | None = arg(_DEFAULT_INDEX_OPTIONS.refine_factor, "--refine indexes: candidates per "
-                                                                                 "neighbour re-ranked exactly (default: "
-                                                                                 "the server's, else 4)", minimum=1,
-                                          scoring=False)
+    index_refine_factor: int | None = arg(_DEFAULT_INDEX_OPTIONS.refine_factor,
+                                          f"--refine indexes: candidates per neighbour re-ranked exactly (default: the "
+                                          f"server's, else {REFINE_FACTOR})", minimum=1, scoring=False)
     corpus_root: str | None = arg(None, "in-process index: directory its corpus files live under on this machine",
                                   scoring=False)
 
@@ -112,10 +123,12 @@ class NeighbourSettings:
 class TrainSettings:
     """The test-time training loop (ttt-nn, and dyneval's updates)."""
 
-    lr: float | None = arg(None, "learning rate (default: 2e-5 below 1B parameters, 5e-6 from 1B, the paper's; "
-                                 "adapter=lora: 1e-4)", above=0)
+    lr: float | None = arg(None, f"learning rate (default: {PAPER_LR_SMALL:g} below {LARGE_MODEL_PARAMS / 1e9:g}B "
+                                 f"parameters, {PAPER_LR_LARGE:g} from {LARGE_MODEL_PARAMS / 1e9:g}B, the paper's; "
+                                 f"adapter=lora: {DEFAULT_LORA_LR:g}, chosen on validation documents at "
+                                 f"k={DEFAULT_LORA_LR_K})", above=0)
     precision: str = arg("fp32", "training and scoring arithmetic: fp32, or bf16/fp16 autocast with fp32 master "
-                                 "weights", choices=("fp32", "bf16", "fp16"))
+                                 "weights", choices=tuple(PRECISIONS))
     compile: bool = arg(False, "torch.compile the forward (falls back to eager with a warning)", scoring=False)
     adapter: str = arg("none", "none: train every weight; lora: train low-rank adapters only (peft)",
                        choices=("none", "lora"))
@@ -129,6 +142,10 @@ class TrainSettings:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass instead of keeping them: "
                                               "less memory (LoRA: 15% of full TTT's extra memory instead of 26%), "
                                               "1.4x the training time on CPU", scoring=False)
+    train_layers: int | None = arg(None, "train only the top N transformer blocks and what sits above them (the "
+                                         "final norm; the output head unless it is tied to the input embeddings): "
+                                         "the backward pass stops below them. adapter=lora: adapters in those "
+                                         "blocks only", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,13 @@ class TTTSettings:
     reset_optimizer: bool = arg(True, "false reproduces the reference code's leak of Adam state between documents")
     eval_at_k: tuple[int, ...] | None = arg(None, "extra scoring points for a curve, e.g. 0:1:5:10 (final k always)",
                                             minimum=0)
+    neighbour_batch: int = arg(1, "neighbour chunks per optimizer step, padded into one batch (attention- and "
+                                  "loss-masked); 1: one step per chunk", minimum=1)
+    dyneval_iterations: int = arg(0, "after the neighbours, score the document window by window and take this many "
+                                     "steps on each window once it is scored (dynamic evaluation); rolling "
+                                     "(perplexity) tasks only", minimum=0)
+    dyneval_lr: float = arg(DEFAULT_DYNEVAL_LR, "learning rate of the steps on the document's own windows "
+                                                "(default: ttt-nn-dyneval's tuned rate)", above=0)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from lm_eval.api.instance import Instance
 
-from index_server.options import open_index
+from index_server.atomic import atomic_write
+from index_server.index import open_index
 
 from ._registration import models
-from .documents import group_documents
+from .documents import ROLLING, group_documents
 from .metrics import bits_per_byte, utf8_bytes
-from .runlog import read_log
+from .report import Run, curve_points
+from .runlog import document_seconds, read_log
 from .settings import NeighbourSettings, known_names, parse_model_args
 
 
@@ -40,6 +42,7 @@ class TuneConfig:
     max_chars: int = 4000
     seed: int = 0
     out: Path = Path("work/tune")
+    widen: int = 0  # values added beyond an edge of the grid while the choice lands on it
 
 
 def model_class(method: str):
@@ -66,13 +69,8 @@ def validation_documents(index, count: int, seed: int, min_chars: int, max_chars
 
 
 def requests_for(documents: list[tuple[int, str]]) -> list[Instance]:
-    return [Instance("loglikelihood_rolling", {"ttt_nn_corpus_id": doc_id}, (text,), i,
+    return [Instance(ROLLING, {"ttt_nn_corpus_id": doc_id}, (text,), i,
                      metadata=("ttt_nn_validation", i, 1)) for i, (doc_id, text) in enumerate(documents)]
-
-
-# Per-document timings every method logs: their sum is a value's cost, read from the log so a
-# value resumed from an earlier tune (a widened grid) reports what it cost then, not ~0 s.
-_TIMINGS = ("retrieve_s", "train_s", "score_s", "reset_s")
 
 
 def evaluate_value(config: TuneConfig, value, documents: list[tuple[int, str]]) -> dict:
@@ -81,12 +79,34 @@ def evaluate_value(config: TuneConfig, value, documents: list[tuple[int, str]]) 
     cls = model_class(config.method)
     args = {**config.model_args, config.param: value, "log_dir": str(config.out / "logs")}
     lm = cls(**args)
-    lls = lm.loglikelihood_rolling(requests_for(documents))
-    keys = {d.key for d in group_documents("loglikelihood_rolling", requests_for(documents))}
+    try:
+        lls = lm.loglikelihood_rolling(requests_for(documents))
+    finally:
+        lm.close()
+    keys = {d.key for d in group_documents(ROLLING, requests_for(documents))}
     records = [r for key, r in read_log(lm.log_stem).items() if key in keys]
+    curve = curve_points(Run(Path(), "validation", config.method, config.method, {}, len(records), 0.0, records))
     return {"value": value, "bits_per_byte": bits_per_byte(lls, utf8_bytes([t for _, t in documents])),
             "steps": sum(r.get("train_steps", 0) for r in records),
-            "seconds": round(sum(r.get(t, 0.0) for r in records for t in _TIMINGS), 2)}
+            # read from the log, so a value resumed from an earlier tune (a widened grid) reports
+            # what it cost then, not the ~0 s of the resume
+            "seconds": round(sum(map(document_seconds, records)), 2),
+            # with eval_at_k in the model arguments: validation bits per byte at each k
+            **({"curve": {str(k): round(bpb, 6) for k, _, bpb in curve}} if len(curve) > 1 else {})}
+
+
+def beyond_edge(rows: list[dict], best: dict):
+    """The next value past the edge of the evaluated values that ``best`` lies on, at the
+    ratio of the edge to its neighbour (integers stay integers); None when ``best`` is inside."""
+    values = sorted(r["value"] for r in rows)
+    if len(values) < 2 or best["value"] not in (values[0], values[-1]):
+        return None
+    edge, inner = (values[0], values[1]) if best["value"] == values[0] else (values[-1], values[-2])
+    step = edge * edge / inner if edge and inner else 2 * edge - inner
+    if isinstance(edge, int):
+        step = int(round(step))
+        step = step if step != edge else edge + (1 if edge > inner else -1)
+    return float(f"{step:.3g}") if isinstance(step, float) else step
 
 
 def choose(rows: list[dict]) -> tuple[dict, str]:
@@ -119,21 +139,32 @@ def run_tune(config: TuneConfig, echo=print) -> dict:
          f"{[d for d, _ in documents][:8]}{' ...' if len(documents) > 8 else ''}), each excluded from its own "
          f"neighbours; {config.method} {config.param} in {list(config.grid)}")
     echo(f"{config.param:>12}  {'bits/byte':>10}  {'steps':>6}  {'seconds':>8}")
-    rows = []
-    for value in config.grid:
-        rows.append(evaluate_value(config, value, documents))
+    rows, widened = [], []
+    values = list(config.grid)
+    while values:
+        rows.append(evaluate_value(config, values.pop(0), documents))
         r = rows[-1]
-        echo(f"{r['value']!s:>12}  {r['bits_per_byte']:>10.4f}  {r['steps']:>6}  {r['seconds']:>8.1f}")
+        curve = "  " + " ".join(f"k={k}:{bpb:.4f}" for k, bpb in r["curve"].items()) if "curve" in r else ""
+        echo(f"{r['value']!s:>12}  {r['bits_per_byte']:>10.4f}  {r['steps']:>6}  {r['seconds']:>8.1f}{curve}")
+        if not values and len(widened) < config.widen:  # the choice on an edge: look past it
+            value = beyond_edge(rows, choose(rows)[0])
+            if value is not None:
+                echo(f"{'':>12}  the choice lies on the edge of the grid: widened with {config.param}={value}")
+                widened.append(value)
+                values.append(value)
     best, reason = choose(rows)
+    if beyond_edge(rows, best) is not None:
+        reason += " (on the edge of the grid: widen it)"
+    k = settings.k if NeighbourSettings in model_class(config.method).setting_groups else None
     result = {
-        "method": config.method, "param": config.param, "chosen": best["value"], "reason": reason, "rows": rows,
+        "method": config.method, "param": config.param, "chosen": best["value"], "k": k, "reason": reason, "rows": rows,
         "validation": {"count": len(documents), "ids": [d for d, _ in documents], "index": identity,
                        "seed": config.seed},
-        "config": {**asdict(config), "out": str(config.out), "grid": list(config.grid)},
+        "config": {**asdict(config), "out": str(config.out), "grid": list(config.grid)}, "widened": widened,
     }
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "tune.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(result, indent=2, default=str) + "\n")
     echo(f"chosen {config.param}={best['value']}: {reason} ({best['bits_per_byte']:.4f}); written {path}; "
          f"pass --model_args ...,{config.param}={best['value']},tuned={path}")
     return result

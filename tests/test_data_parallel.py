@@ -1,10 +1,10 @@
-"""Data parallel through the harness's own engine (issue 10), on CPU: torchrun with 2 gloo
-processes and HFLM's rank assignment (``helpers/dp_lm_eval.py``).
+"""Data parallel through the harness's own engine, on CPU: torchrun with 2 gloo processes and
+HFLM's rank assignment (``helpers/dp_lm_eval.py``), against the harness run in this process.
 
-The first version hung here: with an odd document count the evaluator pads the shorter rank
-with a copy of its last request, ttt-nn answered the copy from memory and so made one
-``all_gather`` fewer than the other rank (HFLM's timeout is 52 weeks). Scoring is now
-rank-local, so uneven shares, padding copies and resumed documents cannot deadlock.
+With an odd document count the evaluator pads the shorter rank with a copy of its last
+request; a rank that answered the copy from memory would make one ``all_gather`` fewer than
+the other (HFLM's timeout is 52 weeks). Scoring is rank-local, so uneven shares, padding
+copies and resumed documents cannot deadlock.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from conftest import BIN, REPO, task_bits_per_byte
+
 from lm_eval_ttt.runlog import rank_files, read_log
 
 TASK = "ttt_stdlib_code"
@@ -29,14 +30,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def model_args(tiny_lm, small_index, out: Path, logs: Path) -> str:
+    return (f"pretrained={tiny_lm},max_length=64,k=2,lr=1e-3,max_neighbor_tokens=64,index={small_index},seed=1,"
+            f"log_dir={logs},neighbour_cache={out.parent / 'cache'}")
+
+
 def lm_eval_args(tiny_lm, small_index, out: Path, logs: Path, limit: int) -> list[str]:
     from lm_eval_ttt.cli import task_configs_dir
 
-    return ["--model", "ttt-nn", "--model_args",
-            f"pretrained={tiny_lm},max_length=64,k=2,lr=1e-3,max_neighbor_tokens=64,index={small_index},seed=1,log_dir={logs},"
-            f"neighbour_cache={out.parent / 'cache'}",
-            "--tasks", TASK, "--include_path", str(task_configs_dir() / "ttt"), "--limit", str(limit), "--device", "cpu",
+    return ["--model", "ttt-nn", "--model_args", model_args(tiny_lm, small_index, out, logs),
+            "--tasks", TASK, "--include_path", str(task_configs_dir() / "ttt"), "--limit", str(limit),
+            "--device", "cpu",
             "--batch_size", "1", "--output_path", str(out)]
+
+
+def in_process(tiny_lm, small_index, out: Path, logs: Path, limit: int) -> dict:
+    """The same evaluation in one process (this one), through the harness's simple_evaluate."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_ttt.cli import task_configs_dir
+
+    return simple_evaluate(model="ttt-nn", model_args=model_args(tiny_lm, small_index, out, logs), tasks=[TASK],
+                           limit=limit, device="cpu", batch_size=1,
+                           task_manager=TaskManager(include_path=str(task_configs_dir() / "ttt")))
 
 
 def launch(args: list[str], processes: int) -> subprocess.Popen:
@@ -68,21 +85,20 @@ def lines(logs: Path) -> int:
 
 def test_two_processes_equal_one_and_a_changed_rank_count_resumes(tiny_lm, small_index, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    finish(launch(lm_eval_args(tiny_lm, small_index, one, one / "logs", 5), 1))
     finish(launch(lm_eval_args(tiny_lm, small_index, two, two / "logs", 5), 2))  # 5 documents: 3 + 2 (+ a pad)
+    reference = in_process(tiny_lm, small_index, one, one / "logs", 5)
     single, double = (read_log(stem_of(one / "logs")), read_log(stem_of(two / "logs")))
     assert len(rank_files(stem_of(two / "logs"))) == 2  # one file per rank, merged on read
     assert {k: r["results"] for k, r in double.items()} == {k: r["results"] for k, r in single.items()}  # bit-identical
-    a, b = task_bits_per_byte(one, TASK), task_bits_per_byte(two, TASK)
+    a, b = reference["results"][TASK]["bits_per_byte,none"], task_bits_per_byte(two, TASK)
     assert abs(a - b) <= 1e-6 * a, (a, b)
     assert results(two)["n-samples"][TASK]["effective"] == 5
 
-    again = tmp_path / "again"  # one process on the two-process log: nothing is scored twice
-    before = lines(two / "logs")
-    finish(launch(lm_eval_args(tiny_lm, small_index, again, two / "logs", 5), 1))
+    before = lines(two / "logs")  # one process on the two-process log: nothing is scored twice
+    again = in_process(tiny_lm, small_index, tmp_path / "again", two / "logs", 5)
     assert lines(two / "logs") == before
-    assert results(again)["config"]["ttt_nn"]["this_process"]["scored"] == 0
-    assert abs(task_bits_per_byte(again, TASK) - a) <= 1e-6 * a
+    assert again["config"]["ttt_nn"]["this_process"]["scored"] == 0
+    assert abs(again["results"][TASK]["bits_per_byte,none"] - a) <= 1e-6 * a
 
 
 def test_a_killed_rank_resumes_without_rescoring_finished_documents(tiny_lm, small_index, tmp_path):
@@ -98,11 +114,11 @@ def test_a_killed_rank_resumes_without_rescoring_finished_documents(tiny_lm, sma
     finished = set(read_log(stem))
     assert 0 < len(finished) < 8
     scored_before = lines(logs)
-    finish(launch(lm_eval_args(tiny_lm, small_index, out, logs, 9), 2))
+    resumed = in_process(tiny_lm, small_index, out, logs, 9)  # and resumes in one process
     after = read_log(stem)
     new_records = lines(logs) - scored_before
     assert new_records == len(set(after) - finished)  # only the unfinished documents were scored
-    assert results(out)["n-samples"][TASK]["effective"] == 9
+    assert resumed["n-samples"][TASK]["effective"] == 9
 
 
 def test_first_use_assets_are_built_once_by_concurrent_ranks(tmp_path):

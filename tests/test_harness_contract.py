@@ -1,9 +1,10 @@
-"""The harness's contract (issue 8): every request type, every flag, no stale or silent numbers.
+"""The harness's contract: every request type, every flag, no stale or silent numbers.
 
-Each test reproduces a defect of the first version: non-rolling tasks silently answered as
-plain hf, a settings hash blind to HFLM arguments, ``--use_cache`` serving k=0 scores to a
-k=2 run, defaults that differ from hf, peft adapters that crash, batch-size detection per
-document, bad arguments reported after loading, and registration through a .pth line only.
+Through the real ``lm_eval`` executable: k=0 answers every request type exactly as
+``--model hf``, and a trained run over token- and TLS-protected gRPC shard servers trains,
+logs and names its log files. In process: the settings hash covers every HFLM argument,
+``--use_cache`` is refused, defaults follow hf, peft adapters train, batch-size detection
+happens once, bad arguments fail before loading, and registration works without start-up files.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import zipfile
 
 import pytest
 import torch
+from conftest import REPO, TEST_TASKS, fake_lm, make_cert, make_lm, requests, run
 
-from conftest import REPO, TEST_TASKS, make_lm, requests, run
+from lm_eval_ttt.documents import GENERATE, LOGLIKELIHOOD, ROLLING, group_documents
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.runlog import read_log
 from lm_eval_ttt.settings import ModelArgumentError
@@ -27,7 +29,8 @@ TASKS = "ttt_test_mc,ttt_test_gen,ttt_stdlib_code"
 
 
 def lm_eval(model: str, model_args: str, out, include, *extra: str, tasks: str = TASKS, check: bool = True):
-    return run("lm_eval", "--model", model, "--model_args", model_args, "--tasks", tasks, "--include_path", str(include),
+    return run("lm_eval", "--model", model, "--model_args", model_args, "--tasks", tasks, "--include_path",
+               str(include),
                "--limit", "2", "--device", "cpu", "--batch_size", "1", "--output_path", str(out), "--log_samples",
                *extra, check=check)
 
@@ -44,15 +47,26 @@ def samples(out) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_lm, small_index, task_dir, tmp_path_factory):
-    """hf, ttt-nn k=0 and ttt-nn k=2 on a multiple-choice, a generation and a rolling task."""
+    """hf, ttt-nn k=0 and ttt-nn k=2 on a multiple-choice, a generation and a rolling task;
+    k=2 retrieves from a gRPC shard server that wants a bearer token over TLS."""
+    from index_server.server import ServerConfig, start_server
+
     out = tmp_path_factory.mktemp("contract")
+    cert, key = make_cert(out)
+    (out / "token").write_text("right-token\n")
+    server, port, _ = start_server(ServerConfig(index=small_index, token="right-token", tls_cert=cert, tls_key=key))
     common = f"pretrained={tiny_lm},max_length=64"
-    procs = {
-        "hf": lm_eval("hf", common, out / "hf", task_dir),
-        "k0": lm_eval("ttt-nn", f"{common},k=0", out / "k0", task_dir),
-        "k2": lm_eval("ttt-nn", f"{common},k=2,index={small_index},lr=1e-3,neighbour_cache={out / 'cache'}",
-                      out / "k2", task_dir),
-    }
+    remote = (f"index=grpc://127.0.0.1:{port},index_token_file={out / 'token'},index_tls_ca={cert},"
+              f"retrieval_timeout=10,max_neighbor_tokens=128")
+    try:
+        procs = {
+            "hf": lm_eval("hf", common, out / "hf", task_dir),
+            "k0": lm_eval("ttt-nn", f"{common},k=0", out / "k0", task_dir),
+            "k2": lm_eval("ttt-nn", f"{common},k=2,{remote},lr=1e-3,neighbour_cache={out / 'cache'}", out / "k2",
+                          task_dir),
+        }
+    finally:
+        server.stop(0)
     return out, procs
 
 
@@ -67,19 +81,34 @@ def test_non_rolling_tasks_are_trained_and_logged(runs):
     out, _ = runs
     hf, k2 = samples(out / "hf"), samples(out / "k2")
     assert k2["ttt_test_mc"] != hf["ttt_test_mc"]  # trained before scoring the choices
-    results = json.loads(next((out / "k2").rglob("results_*.json")).read_text())
-    log = results["config"]["ttt_nn"]["log"]
-    records = [json.loads(line) for f in sorted(out.glob("k2/ttt-nn-logs/*.rank*.jsonl"))
-               for line in f.read_text().splitlines()]
-    assert log.startswith(str((out / "k2" / "ttt-nn-logs").resolve()))  # under --output_path by default
+    results_file = next((out / "k2").rglob("results_*.json"))
+    results = json.loads(results_file.read_text())
+    info = results["config"]["ttt_nn"]
+    files = sorted(out.glob("k2/ttt-nn-logs/*.rank*.jsonl"))
+    assert info["log_files"] == [str(f.resolve()) for f in files]  # the files themselves, under --output_path
+    assert json.loads(open(info["settings_file"]).read()) == info["settings"]
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert "right-token" not in results_file.read_text()  # the secret is never written
     by_type = {}
     for r in records:
         by_type.setdefault(r["request_type"], []).append(r)
-    assert sorted(by_type) == ["generate_until", "loglikelihood", "loglikelihood_rolling"]
-    mc = by_type["loglikelihood"]
+    assert sorted(by_type) == sorted([GENERATE, LOGLIKELIHOOD, ROLLING])
+    mc = by_type[LOGLIKELIHOOD]
     assert len(mc) == 2 and all(len(r["results"]) == 4 and len(r["neighbour_ids"]) == 2 for r in mc)  # 4 choices
     assert all(r["train_steps"] > 0 for r in records)
-    assert [r["results"][0] for r in by_type["generate_until"]] == [s[0][0] for s in k2["ttt_test_gen"]]
+    assert [r["results"][0] for r in by_type[GENERATE]] == [s[0][0] for s in k2["ttt_test_gen"]]
+    assert all(r["train_tokens"] > 0 and r["train_s"] > 0 and r["score_s"] > 0 for r in records)  # what each cost
+
+
+def test_report_reads_real_results(runs, tmp_path):
+    """`ttt-nn report` on what lm_eval wrote: the hf base and the trained run, its log read."""
+    from lm_eval_ttt.report import load_runs, markdown_table
+
+    out, _ = runs
+    loaded = {r.method: r for r in load_runs([out / "hf", out / "k2"]) if r.task == "ttt_stdlib_code"}
+    assert set(loaded) == {"hf", "ttt-nn"} and loaded["ttt-nn"].steps_per_document > 0
+    kept = loaded["ttt-nn"].metrics["bits_per_byte"] / loaded["hf"].metrics["bits_per_byte"]
+    assert f"{kept:.1%}" in markdown_table(list(loaded.values()))
 
 
 def test_runs_are_quiet(runs):
@@ -131,7 +160,8 @@ def test_defaults_follow_hf_dtype_auto_and_the_harness_seed(tiny_lm, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ({"k": -3}, r"k: must be >= 0, got -3"),
-    ({"max_neighbour_tokens": 5}, r"unknown model argument 'max_neighbour_tokens' \(did you mean 'max_neighbor_tokens'\?\)"),
+    ({"max_neighbour_tokens": 5},
+     r"unknown model argument 'max_neighbour_tokens' \(did you mean 'max_neighbor_tokens'\?\)"),
     ({"lr": 0}, r"lr: must be > 0"),
     ({"order": "random"}, r"order: must be one of nearest, farthest"),
     ({"eval_at_k": "0:9", "k": 2}, r"eval_at_k values must lie in \[0, k=2\]"),
@@ -152,14 +182,16 @@ def test_bad_argument_on_the_command_line_is_one_clear_error(tiny_lm, task_dir, 
     assert "did you mean 'max_neighbor_tokens'" in proc.stderr
 
 
-def test_json_model_args_with_lists(tiny_lm, small_index, tmp_path):
-    lm = TTTNNLM.create_from_arg_obj({"pretrained": str(tiny_lm), "k": 2, "eval_at_k": [0, 1], "index": str(small_index),
-                                      "log_dir": str(tmp_path), "neighbour_cache": str(tmp_path / "c")},
+def test_json_model_args_with_lists(tiny_lm, tmp_path):
+    from conftest import fake_retriever
+
+    lm = TTTNNLM.create_from_arg_obj({"pretrained": str(tiny_lm), "k": 2, "eval_at_k": [0, 1], "log_dir": str(tmp_path),
+                                      "retriever": fake_retriever(tmp_path, ["a document", "another one"])},
                                      {"device": "cpu", "batch_size": 1})
     assert lm.eval_at_k == [0, 1, 2]
 
 
-def test_peft_adapter_is_trained_and_reset_and_the_base_stays_frozen(tiny_lm, small_index, test_docs, tmp_path):
+def test_peft_adapter_is_trained_and_reset_and_the_base_stays_frozen(tiny_lm, corpus_texts, test_docs, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +199,7 @@ def test_peft_adapter_is_trained_and_reset_and_the_base_stays_frozen(tiny_lm, sm
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm), LoraConfig(r=4, init_lora_weights=False))
     peft_model.save_pretrained(adapter)
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, peft=str(adapter), lr=1e-3)
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=2, peft=str(adapter), lr=1e-3, max_neighbor_tokens=128)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     trained = [n for n, p in lm.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
@@ -189,15 +221,14 @@ def test_batch_size_auto_is_detected_once(tiny_lm, test_docs, tmp_path, monkeypa
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("method, request_type", [("ttt-nn-interp", "generate_until"),
-                                                  ("ttt-nn-dyneval", "loglikelihood")])
+@pytest.mark.parametrize("method, request_type", [("ttt-nn-interp", GENERATE), ("ttt-nn-dyneval", LOGLIKELIHOOD)])
 def test_unsupported_request_type_is_a_clear_error_before_any_work(tiny_lm, tmp_path, method, request_type):
     from lm_eval.api.instance import Instance
 
     from lm_eval_ttt.tune import model_class
 
     lm = make_lm(model_class(method), tmp_path, tiny_lm, None, **({"k": 0} if method == "ttt-nn-interp" else {}))
-    args = ("ctx", {"until": ["\n"]}) if request_type == "generate_until" else ("ctx", " x")
+    args = ("ctx", {"until": ["\n"]}) if request_type == GENERATE else ("ctx", " x")
     with pytest.raises(NotImplementedError, match=f"--model {method} cannot answer {request_type} requests"):
         getattr(lm, request_type)([Instance(request_type, {}, args, 0)])
     assert not list(tmp_path.glob("logs/*.jsonl"))
@@ -253,33 +284,34 @@ def test_readme_documents_every_model_argument():
         assert f"| `{name}` | {shown} |" in readme, name
 
 
-def test_a_built_model_and_retriever_can_be_injected(tiny_lm, small_index, test_docs, tmp_path):
+def test_a_built_model_and_retriever_can_be_injected(tiny_lm, corpus_texts, test_docs, tmp_path):
     """Unit tests (and notebooks) pass objects instead of paths: a model with its tokenizer
-    and a retriever over an index that is already open."""
+    and a retriever over an index that is already open (the caller's: the model leaves it open)."""
+    from conftest import fake_retriever
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lm_eval_ttt.retriever import Retriever
-    from lm_eval_ttt.settings import NeighbourSettings
-
-    retriever = Retriever.open(NeighbourSettings(index=str(small_index)))
-    lm = TTTNNLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), tokenizer=AutoTokenizer.from_pretrained(tiny_lm),
+    retriever = fake_retriever(tmp_path, corpus_texts)
+    lm = TTTNNLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm),
+                 tokenizer=AutoTokenizer.from_pretrained(tiny_lm),
                  retriever=retriever, k=2, max_length=64, log_dir=str(tmp_path), device="cpu", seed=1)
     assert lm.retriever is retriever
     lm.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
     (record,) = read_log(lm.log_stem).values()
     assert record["neighbour_ids"] == retriever.neighbours(test_docs[0], 2).ids
+    lm.close()
+    assert not retriever.index.closed
     with pytest.raises(ModelArgumentError, match="a model object needs its tokenizer object"):
         TTTNNLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_lm), k=0)
 
 
-def test_every_request_type_resumes_from_the_log(tiny_lm, small_index, tmp_path):
+def test_every_request_type_resumes_from_the_log(tiny_lm, corpus_texts, tmp_path):
     from lm_eval.api.instance import Instance
 
-    mc = [Instance("loglikelihood", {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", 0, 1))
+    mc = [Instance(LOGLIKELIHOOD, {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", 0, 1))
           for c in (" json", " os")]
-    gen = [Instance("generate_until", {}, ("def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 4}), 0,
+    gen = [Instance(GENERATE, {}, ("def add(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 4}), 0,
                     metadata=("gen", 0, 1))]
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, lr=1e-3)
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=2, lr=1e-3, max_neighbor_tokens=128)
     first = lm.loglikelihood(mc), lm.generate_until(gen)
     lm.score_documents = lambda *a: pytest.fail("a logged document was scored again")
     assert (lm.loglikelihood(mc), lm.generate_until(gen)) == first
@@ -291,11 +323,11 @@ def test_sampled_repeats_differ_and_greedy_ones_are_generated_once(tiny_lm, tmp_
     from lm_eval.api.instance import Instance
 
     lm = make_lm(TTTNNLM, tmp_path, tiny_lm, None, k=0)
-    sampled = Instance("generate_until", {}, ("def f(", {"until": ["\n"], "max_gen_toks": 8, "temperature": 1.0}), 0,
+    sampled = Instance(GENERATE, {}, ("def f(", {"until": ["\n"], "max_gen_toks": 8, "temperature": 1.0}), 0,
                        metadata=("gen", 0, 3))
     out = lm.generate_until([sampled] * 3)  # repeats=3: the evaluator passes the instance 3 times
     assert len(set(out)) > 1
-    greedy = Instance("generate_until", {}, ("def g(", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}),
+    greedy = Instance(GENERATE, {}, ("def g(", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}),
                       0, metadata=("gen", 1, 2))
     calls = []
     original = lm.score_documents
@@ -306,12 +338,10 @@ def test_sampled_repeats_differ_and_greedy_ones_are_generated_once(tiny_lm, tmp_
 def test_choices_with_their_own_contexts_retrieve_on_the_shared_question():
     from lm_eval.api.instance import Instance
 
-    from lm_eval_ttt.documents import group_documents
-
     question = "The trophy does not fit in the suitcase because the "
-    choices = [Instance("loglikelihood", {}, (question + option, " is too big."), 0, metadata=("wino", 7, 1))
+    choices = [Instance(LOGLIKELIHOOD, {}, (question + option, " is too big."), 0, metadata=("wino", 7, 1))
                for option in ("trophy", "suitcase")]
-    (document,) = group_documents("loglikelihood", choices)
+    (document,) = group_documents(LOGLIKELIHOOD, choices)
     assert document.query("full") == question
 
 
@@ -325,7 +355,7 @@ def test_interpolation_without_neighbours_is_the_base_model(tiny_lm, test_docs, 
     assert ours == pytest.approx(HFLM.loglikelihood_rolling(lm, requests(test_docs), disable_tqdm=True), rel=1e-6)
 
 
-def test_full_training_of_low_precision_weights_is_refused(tiny_lm, small_index, tmp_path):
+def test_full_training_of_low_precision_weights_is_refused(tiny_lm, corpus_texts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_ttt.ttt import LowPrecisionWeightsError
@@ -334,8 +364,8 @@ def test_full_training_of_low_precision_weights_is_refused(tiny_lm, small_index,
     AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.bfloat16).save_pretrained(bf16)
     AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(bf16)
     with pytest.raises(LowPrecisionWeightsError, match="bfloat16: updated in place, most test-time training steps"):
-        make_lm(TTTNNLM, tmp_path, bf16, small_index, k=2, dtype="auto")
-    lora = make_lm(TTTNNLM, tmp_path, bf16, small_index, k=2, dtype="auto", adapter="lora")
+        fake_lm(TTTNNLM, tmp_path, bf16, corpus_texts, k=2, dtype="auto")
+    lora = fake_lm(TTTNNLM, tmp_path, bf16, corpus_texts, k=2, dtype="auto", adapter="lora")
     assert all(p.dtype == torch.float32 for p in lora.model.parameters() if p.requires_grad)
 
 

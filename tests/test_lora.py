@@ -1,4 +1,4 @@
-"""Parameter-efficient TTT (issue 13): adapters through peft, many documents per batch."""
+"""Parameter-efficient TTT: adapters through peft, many documents per batch."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import hashlib
 
 import pytest
 import torch
+from conftest import fake_lm, make_lm, requests
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from conftest import make_lm, requests
+from lm_eval_ttt.documents import GENERATE, LOGLIKELIHOOD, ROLLING, group_documents
 from lm_eval_ttt.lora import BatchedLoRATrainer
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.runlog import read_log
@@ -31,16 +32,16 @@ def base_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def lora(tmp_path, tiny_lm, index, **kw):
+def lora(tmp_path, tiny_lm, texts, **kw):
     args = dict(k=3, adapter="lora", lora_r=4, lr=1e-2, eval_at_k="0", max_neighbor_tokens=96)
     args.update(kw)
-    return make_lm(TTTNNLM, tmp_path, tiny_lm, index, **args)
+    return fake_lm(TTTNNLM, tmp_path, tiny_lm, texts, **args)
 
 
-def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, small_index, test_docs, tmp_path):
+def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, corpus_texts, test_docs, tmp_path):
     plain = make_lm(TTTNNLM, tmp_path / "plain", tiny_lm, None, k=0)
     before = base_hash(plain.model)
-    lm = lora(tmp_path, tiny_lm, small_index)
+    lm = lora(tmp_path, tiny_lm, corpus_texts)
     assert sum(p.numel() for p in lm.model.parameters() if p.requires_grad) < 0.1 * sum(
         p.numel() for p in lm.model.parameters())
     assert not any(p.requires_grad for n, p in lm.model.named_parameters() if "lora_" not in n)
@@ -49,9 +50,7 @@ def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, small_inde
     records = list(read_log(lm.log_stem).values())
     hf = HFLM.loglikelihood_rolling(plain, requests(test_docs), disable_tqdm=True)
     by_key = {r["doc_key"]: r for r in records}
-    from lm_eval_ttt.documents import group_documents
-
-    docs = group_documents("loglikelihood_rolling", requests(test_docs))
+    docs = group_documents(ROLLING, requests(test_docs))
     k0 = [by_key[d.key]["results_at_k"]["0"][0] for d in docs]
     assert k0 == pytest.approx(hf, rel=1e-6)  # zero-initialised B: adapters change nothing until trained
     assert all(by_key[d.key]["results"] != by_key[d.key]["results_at_k"]["0"] for d in docs)  # training does
@@ -59,17 +58,17 @@ def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, small_inde
     after = {n: p.detach() for n, p in lm.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(after[n], initial[n]) for n in initial)  # reset = the initial adapters
     assert len(lm.trainer.optimizer.state) == 0
-    fresh = lora(tmp_path / "fresh", tiny_lm, small_index)  # the same seed gives the same fresh adapters
+    fresh = lora(tmp_path / "fresh", tiny_lm, corpus_texts)  # the same seed gives the same fresh adapters
     assert all(torch.equal(p, initial[n]) for n, p in fresh.model.named_parameters() if p.requires_grad)
 
 
-def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default_corpus, tmp_path):
+def test_doc_batch_equals_doc_batch_one(tiny_lm, corpus_texts, test_docs, default_corpus, tmp_path):
     import json
 
     texts = [json.loads(line)["text"] for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8")]
     docs = [t for t in texts if 300 < len(t) < 4000][:5]  # 5 documents: a batch of 4 and one of 1
-    one = lora(tmp_path / "one", tiny_lm, small_index, eval_at_k="0:2")
-    four = lora(tmp_path / "four", tiny_lm, small_index, eval_at_k="0:2", doc_batch=4)
+    one = lora(tmp_path / "one", tiny_lm, corpus_texts, eval_at_k="0:2")
+    four = lora(tmp_path / "four", tiny_lm, corpus_texts, eval_at_k="0:2", doc_batch=4)
     assert isinstance(four.trainer, BatchedLoRATrainer)
     assert one.log_stem.name == four.log_stem.name  # doc_batch does not change a score (beyond rounding)
     a = one.loglikelihood_rolling(requests(docs), disable_tqdm=True)
@@ -94,12 +93,12 @@ def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default
 
 @pytest.mark.parametrize("args", [{}, {"doc_batch": 2}, {"adapter": "none", "lr": 1e-4}],
                          ids=["lora", "lora doc_batch=2", "full TTT"])
-def test_gradient_checkpointing_recomputes_the_same_scores(tiny_lm, small_index, test_docs, tmp_path, args):
+def test_gradient_checkpointing_recomputes_the_same_scores(tiny_lm, corpus_texts, test_docs, tmp_path, args):
     """Checkpointing trades memory for recomputation only (bench_lora measures the memory):
     the recomputed forward must see the same adapters (for doc_batch, the same slot per row)."""
     docs = test_docs[:2]
-    plain = lora(tmp_path / "plain", tiny_lm, small_index, **args)
-    checkpointed = lora(tmp_path / "ckpt", tiny_lm, small_index, gradient_checkpointing=True, **args)
+    plain = lora(tmp_path / "plain", tiny_lm, corpus_texts, **args)
+    checkpointed = lora(tmp_path / "ckpt", tiny_lm, corpus_texts, gradient_checkpointing=True, **args)
     def checkpointing(lm):
         return any(getattr(m, "gradient_checkpointing", False) for m in lm.model.modules())
 
@@ -110,48 +109,48 @@ def test_gradient_checkpointing_recomputes_the_same_scores(tiny_lm, small_index,
     assert a != pytest.approx(HFLM.loglikelihood_rolling(plain, requests(docs), disable_tqdm=True), rel=1e-6)
 
 
-def test_doc_batch_answers_every_request_type(tiny_lm, small_index, tmp_path):
-    mc = [Instance("loglikelihood", {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", d, 1))
+def test_doc_batch_answers_every_request_type(tiny_lm, corpus_texts, tmp_path):
+    mc = [Instance(LOGLIKELIHOOD, {}, ("Question: which module parses JSON?\nAnswer:", c), 0, metadata=("mc", d, 1))
           for d in range(3) for c in (" json", " os")]
-    gen = [Instance("generate_until", {}, (f"def f{d}(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 5}), 0,
+    gen = [Instance(GENERATE, {}, (f"def f{d}(a, b):\n    return", {"until": ["\n"], "max_gen_toks": 5}), 0,
                     metadata=("gen", d, 1)) for d in range(3)]
-    one = lora(tmp_path / "one", tiny_lm, small_index)
-    four = lora(tmp_path / "four", tiny_lm, small_index, doc_batch=4)
+    one = lora(tmp_path / "one", tiny_lm, corpus_texts)
+    four = lora(tmp_path / "four", tiny_lm, corpus_texts, doc_batch=4)
     lls_one, lls_four = one.loglikelihood(mc), four.loglikelihood(mc)
     assert [x[0] for x in lls_four] == pytest.approx([x[0] for x in lls_one], rel=BATCH_TOLERANCE)
     assert four.generate_until(gen) == one.generate_until(gen)
 
 
-def test_bad_adapter_settings_are_clear_errors(tiny_lm, small_index, tmp_path):
+def test_bad_adapter_settings_are_clear_errors(tiny_lm, corpus_texts, tmp_path):
     with pytest.raises(ModelArgumentError, match="doc_batch > 1 needs adapter=lora"):
-        make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, doc_batch=4)
+        fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, doc_batch=4)
     with pytest.raises(ModelArgumentError, match="adapter=lora: peft cannot adapt LlamaForCausalLM"):
-        lora(tmp_path, tiny_lm, small_index, lora_targets="no_such_layer")
+        lora(tmp_path, tiny_lm, corpus_texts, lora_targets="no_such_layer")
     with pytest.raises(ModelArgumentError, match="cannot be combined with peft="):
-        lora(tmp_path, tiny_lm, small_index, peft="some-adapter")
+        lora(tmp_path, tiny_lm, corpus_texts, peft="some-adapter")
 
 
-def test_doc_batch_refuses_dropout(tiny_lm, small_index, tmp_path):
+def test_doc_batch_refuses_dropout(tiny_lm, corpus_texts, tmp_path):
     """A batch draws dropout masks for all its documents at once: a score would depend on
     which documents share the batch, so resumes and rank counts would change the numbers."""
     import json
     import shutil
 
     with pytest.raises(ModelArgumentError, match=r"doc_batch > 1 needs dropout off \(lora_dropout=0.1\)"):
-        lora(tmp_path, tiny_lm, small_index, doc_batch=4, lora_dropout=0.1)
+        lora(tmp_path, tiny_lm, corpus_texts, doc_batch=4, lora_dropout=0.1)
     dropping = tmp_path / "dropping"
     shutil.copytree(tiny_lm, dropping)
     config = json.loads((dropping / "config.json").read_text())
     (dropping / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
     with pytest.raises(ModelArgumentError, match="the model's dropout is 0.1"):
-        lora(tmp_path, dropping, small_index, doc_batch=4)
-    lora(tmp_path, dropping, small_index, doc_batch=1)  # one document at a time is fine
+        lora(tmp_path, dropping, corpus_texts, doc_batch=4)
+    lora(tmp_path, dropping, corpus_texts, doc_batch=1)  # one document at a time is fine
     (dropping / "config.json").write_text(json.dumps({**config, "classifier_dropout": 0.1}))
-    lora(tmp_path, dropping, small_index, doc_batch=4)  # a classification head's rate is not the LM's
+    lora(tmp_path, dropping, corpus_texts, doc_batch=4)  # a classification head's rate is not the LM's
 
 
-def test_adapter_settings_change_the_identity(tiny_lm, small_index, tmp_path):
-    base = lora(tmp_path, tiny_lm, small_index)
-    assert lora(tmp_path, tiny_lm, small_index).log_stem == base.log_stem
+def test_adapter_settings_change_the_identity(tiny_lm, corpus_texts, tmp_path):
+    base = lora(tmp_path, tiny_lm, corpus_texts)
+    assert lora(tmp_path, tiny_lm, corpus_texts).log_stem == base.log_stem
     for change in ({"lora_r": 8}, {"lora_alpha": 8.0}, {"lora_targets": "q_proj:v_proj"}, {"adapter": "none"}):
-        assert lora(tmp_path, tiny_lm, small_index, **change).log_stem != base.log_stem, change
+        assert lora(tmp_path, tiny_lm, corpus_texts, **change).log_stem != base.log_stem, change

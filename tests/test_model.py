@@ -2,9 +2,9 @@ import hashlib
 
 import pytest
 import torch
+from conftest import fake_lm, requests, run, task_bits_per_byte
 
-from conftest import make_lm, requests, run, task_bits_per_byte
-from index_server.server import ServerConfig, start_server
+from lm_eval_ttt.documents import ROLLING, group_documents
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.retriever import RetrievalError
 from lm_eval_ttt.runlog import read_log
@@ -26,8 +26,8 @@ def test_chunks_drop_one_token_tail_and_respect_cap():
     assert chunk_tokens([7], 64) == []
 
 
-def test_ttt_lowers_bits_per_byte_and_restores_weights_exactly(tiny_lm, small_index, test_docs, tmp_path):
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=3, eval_at_k="0", lr=1e-3, max_neighbor_tokens=128)
+def test_ttt_lowers_bits_per_byte_and_restores_weights_exactly(tiny_lm, corpus_texts, test_docs, tmp_path):
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=3, eval_at_k="0", lr=1e-3, max_neighbor_tokens=128)
     original = state_hash(lm.model)
     lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
     assert state_hash(lm.model) == original
@@ -42,14 +42,11 @@ def test_ttt_lowers_bits_per_byte_and_restores_weights_exactly(tiny_lm, small_in
 
     plain = HFLM.loglikelihood_rolling(lm, requests(test_docs), disable_tqdm=True)
     by_text = {r["doc_key"]: r for r in records}
-    from lm_eval_ttt.documents import group_documents
-
-    assert [by_text[d.key]["results_at_k"]["0"][0] for d in group_documents("loglikelihood_rolling",
-                                                                             requests(test_docs))] == plain
+    assert [by_text[d.key]["results_at_k"]["0"][0] for d in group_documents(ROLLING, requests(test_docs))] == plain
 
 
-def test_resume_reuses_finished_documents_with_identical_numbers(tiny_lm, small_index, test_docs, tmp_path):
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2)
+def test_resume_reuses_finished_documents_with_identical_numbers(tiny_lm, corpus_texts, test_docs, tmp_path):
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=2, max_neighbor_tokens=128)
     first = lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
     (log_file,) = lm.log_stem.parent.glob(lm.log_stem.name + ".rank*.jsonl")
     lines = log_file.read_text().splitlines()
@@ -64,31 +61,38 @@ def test_resume_reuses_finished_documents_with_identical_numbers(tiny_lm, small_
     assert len(log_file.read_text().splitlines()) == 3
 
 
-def test_reset_optimizer_false_reproduces_the_reference_leak(tiny_lm, small_index, test_docs, tmp_path):
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=1, reset_optimizer=False)
+def test_reset_optimizer_false_reproduces_the_reference_leak(tiny_lm, corpus_texts, test_docs, tmp_path):
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=1, reset_optimizer=False, max_neighbor_tokens=128)
     lm.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
     assert len(lm.trainer.optimizer.state) > 0  # Adam moments carried into the next document
 
 
-def test_short_document_and_retriever_failure(tiny_lm, small_index, test_docs, tmp_path):
-    server, port, _ = start_server(ServerConfig(index=small_index))
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, f"grpc://127.0.0.1:{port}", k=1, retrieval_timeout=2)
+def test_short_document_and_retriever_failure(tiny_lm, corpus_texts, test_docs, tmp_path):
+    from fakes import FakeIndex
+
+    index = FakeIndex(corpus_texts)
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, index=index, k=1, max_neighbor_tokens=128)
     lm.loglikelihood_rolling(requests(["x = 1"]), disable_tqdm=True)  # shorter than one chunk
     (record,) = read_log(lm.log_stem).values()
     assert len(record["neighbour_ids"]) == 1 and record["results"][0] < 0
-    server.stop(0)
-    with pytest.raises(RetrievalError, match="retrieval failed"):
+
+    def unreachable(queries, k):
+        raise ConnectionError("index unreachable")
+
+    index.search = unreachable
+    with pytest.raises(RetrievalError, match="retrieval failed.*index unreachable"):
         lm.loglikelihood_rolling(requests([test_docs[0]]), disable_tqdm=True)
     assert len(read_log(lm.log_stem)) == 1  # the failed document was not logged
 
 
-def test_precision_bf16_runs_and_stays_close_to_fp32(tiny_lm, small_index, test_docs, tmp_path):
+def test_precision_bf16_runs_and_stays_close_to_fp32(tiny_lm, corpus_texts, test_docs, tmp_path):
     """bf16 autocast (fp32 master weights) on CPU: scores within 2% of fp32 bits per byte.
     bf16 keeps 8 bits of mantissa, so logits differ by ~0.4% per token; summed over a
     document the relative difference stays around a percent."""
     results = {}
     for precision in ("fp32", "bf16"):
-        lm = make_lm(TTTNNLM, tmp_path / precision, tiny_lm, small_index, k=2, precision=precision, lr=1e-3)
+        lm = fake_lm(TTTNNLM, tmp_path / precision, tiny_lm, corpus_texts, k=2, precision=precision, lr=1e-3,
+                     max_neighbor_tokens=128)
         results[precision] = sum(lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True))
         assert lm.model.dtype == torch.float32  # master weights stay fp32
     assert results["bf16"] != results["fp32"]
@@ -96,16 +100,18 @@ def test_precision_bf16_runs_and_stays_close_to_fp32(tiny_lm, small_index, test_
 
 
 @pytest.mark.slow
-def test_compile_runs_or_falls_back_with_a_warning(tiny_lm, small_index, test_docs, tmp_path):
-    eager = make_lm(TTTNNLM, tmp_path / "eager", tiny_lm, small_index, k=1)
-    compiled = make_lm(TTTNNLM, tmp_path / "compiled", tiny_lm, small_index, k=1, compile=True)
+def test_compile_runs_or_falls_back_with_a_warning(tiny_lm, corpus_texts, test_docs, tmp_path):
+    eager = fake_lm(TTTNNLM, tmp_path / "eager", tiny_lm, corpus_texts, k=1)
+    compiled = fake_lm(TTTNNLM, tmp_path / "compiled", tiny_lm, corpus_texts, k=1, compile=True)
     a = eager.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
     b = compiled.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
     assert a == pytest.approx(b, rel=1e-4)
 
 
-def test_stock_lm_eval_cli_k0_equals_hf_on_the_bundled_model(default_index, tmp_path):
-    """The real bundled SmolLM2 through the real lm_eval executable, both ways."""
+@pytest.mark.slow
+def test_stock_lm_eval_cli_k0_equals_hf_on_the_bundled_model(tmp_path):
+    """The real bundled SmolLM2 through the real lm_eval executable, both ways (the default
+    suite checks the same on every request type with the tiny model: test_harness_contract)."""
     from lm_eval_ttt.assets import bundled_lm_path
     from lm_eval_ttt.cli import task_configs_dir
 

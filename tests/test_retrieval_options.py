@@ -5,9 +5,11 @@ import json
 
 import pytest
 import zstandard
+from conftest import fake_lm
+from fakes import FakeIndex
 from lm_eval.api.instance import Instance
 
-from conftest import make_lm
+from lm_eval_ttt.documents import ROLLING
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.retriever import Retriever, is_near_duplicate
 from lm_eval_ttt.runlog import read_log
@@ -15,20 +17,24 @@ from lm_eval_ttt.settings import NeighbourSettings
 
 
 @pytest.fixture(scope="module")
-def indexed_doc(small_corpus):
+def indexed_doc(corpus_texts):
     """A document that is in the index, as a query that must find itself first."""
-    with open(small_corpus, encoding="utf-8") as f:
-        return json.loads(f.readlines()[100])["text"]
+    return corpus_texts[100]
+
+
+@pytest.fixture(scope="module")
+def index(corpus_texts):
+    return FakeIndex(corpus_texts)
 
 
 def retriever(index, cache=None, **selection):
-    return Retriever.open(NeighbourSettings(index=str(index), **selection), cache)
+    return Retriever(index, NeighbourSettings(**selection), cache, encoder=index.encoder)
 
 
-def test_cache_serves_smaller_k_without_searching(small_index, indexed_doc, tmp_path):
-    first = retriever(small_index, tmp_path).neighbours(indexed_doc, 8)
+def test_cache_serves_smaller_k_without_searching(index, indexed_doc, tmp_path):
+    first = retriever(index, tmp_path).neighbours(indexed_doc, 8)
     assert not first.cached
-    reopened = retriever(small_index, tmp_path)
+    reopened = retriever(index, tmp_path)
     calls = []
     search = reopened.index.search
     reopened.index.search = lambda *a: calls.append(a) or search(*a)
@@ -38,12 +44,10 @@ def test_cache_serves_smaller_k_without_searching(small_index, indexed_doc, tmp_
     assert list(tmp_path.glob(f"{reopened.manifest.identity}-*.jsonl"))  # keyed by index identity
 
 
-def test_hnsw_retrievals_are_kept_per_k(small_corpus, indexed_doc, tmp_path):
+def test_hnsw_retrievals_are_kept_per_k(corpus_texts, indexed_doc, tmp_path):
     """HNSW searches with efSearch >= k, so a k=5 answer need not be a prefix of a k=8 answer:
     the cache must not serve one for the other (it does for Flat, above)."""
-    from conftest import build_small
-
-    hnsw = build_small(small_corpus, tmp_path / "hnsw", factory="HNSW8")
+    hnsw = FakeIndex(corpus_texts, factory="HNSW8")
     retriever(hnsw, tmp_path / "cache").neighbours(indexed_doc, 8)
     reopened = retriever(hnsw, tmp_path / "cache")
     calls = []
@@ -55,21 +59,21 @@ def test_hnsw_retrievals_are_kept_per_k(small_corpus, indexed_doc, tmp_path):
     assert retriever(hnsw, tmp_path / "cache").neighbours(indexed_doc, 5).cached
 
 
-def test_exclude_duplicates_drops_the_query_itself(small_index, indexed_doc):
-    with_self = retriever(small_index).neighbours(indexed_doc, 5)
-    without_self = retriever(small_index, exclude_duplicates=True).neighbours(indexed_doc, 5)
+def test_exclude_duplicates_drops_the_query_itself(index, indexed_doc):
+    with_self = retriever(index).neighbours(indexed_doc, 5)
+    without_self = retriever(index, exclude_duplicates=True).neighbours(indexed_doc, 5)
     assert with_self.texts[0] == indexed_doc and with_self.distances[0] == pytest.approx(0, abs=1e-3)
     assert with_self.ids[0] in without_self.excluded
     assert indexed_doc not in without_self.texts and len(without_self.ids) == 5
     assert without_self.ids[:4] == with_self.ids[1:5]
 
 
-def test_excluded_ids_and_max_distance(small_index, indexed_doc):
-    plain = retriever(small_index).neighbours(indexed_doc, 5)
-    own = retriever(small_index).neighbours(indexed_doc, 5, exclude_ids={plain.ids[0]})
+def test_excluded_ids_and_max_distance(index, indexed_doc):
+    plain = retriever(index).neighbours(indexed_doc, 5)
+    own = retriever(index).neighbours(indexed_doc, 5, exclude_ids={plain.ids[0]})
     assert own.ids == plain.ids[1:] + own.ids[4:] and plain.ids[0] in own.excluded and len(own.ids) == 5
     cut = plain.distances[2]
-    near = retriever(small_index, max_distance=cut).neighbours(indexed_doc, 5)
+    near = retriever(index, max_distance=cut).neighbours(indexed_doc, 5)
     assert near.ids == plain.ids[:3] and near.stop_reason == "max_distance"
 
 
@@ -79,12 +83,13 @@ def test_near_duplicate_threshold():
     assert not is_near_duplicate(text, " ".join(f"word{i}" for i in range(100, 300)))  # half shared
 
 
-def test_farthest_order_trains_in_reverse(tiny_lm, small_index, tmp_path):
+def test_farthest_order_trains_in_reverse(tiny_lm, corpus_texts, tmp_path):
     doc = "import os\n\ndef walk(path):\n    return list(os.walk(path))\n"
     records = {}
     for order in ("nearest", "farthest"):
-        lm = make_lm(TTTNNLM, tmp_path / order, tiny_lm, small_index, k=3, order=order, lr=1e-3)
-        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)], disable_tqdm=True)
+        lm = fake_lm(TTTNNLM, tmp_path / order, tiny_lm, corpus_texts, k=3, order=order, lr=1e-3,
+                     max_neighbor_tokens=128)
+        lm.loglikelihood_rolling([Instance(ROLLING, {}, (doc,), 0)], disable_tqdm=True)
         (records[order],) = read_log(lm.log_stem).values()
     # logged in training order, so chunk_losses[i] belongs to neighbour_ids[i]
     assert records["farthest"]["neighbour_ids"] == records["nearest"]["neighbour_ids"][::-1]
@@ -94,16 +99,16 @@ def test_farthest_order_trains_in_reverse(tiny_lm, small_index, tmp_path):
     assert records["nearest"]["results"] != records["farthest"]["results"]
 
 
-def test_prefix_query_retrieves_on_the_prefix_and_scores_the_rest(tiny_lm, small_index, tmp_path):
-    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, query="prefix")
+def test_prefix_query_retrieves_on_the_prefix_and_scores_the_rest(tiny_lm, corpus_texts, tmp_path):
+    lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=2, query="prefix", max_neighbor_tokens=128)
     prefix, rest = "import json\n\ndef load(path):\n", "    with open(path) as f:\n        return json.load(f)\n"
-    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {"prefix": prefix, "text": rest}, (rest,), 0)],
+    lm.loglikelihood_rolling([Instance(ROLLING, {"prefix": prefix, "text": rest}, (rest,), 0)],
                              disable_tqdm=True)
     (record,) = read_log(lm.log_stem).values()
     assert record["neighbour_ids"] == lm.retriever.neighbours(prefix, 2).ids
     assert record["bytes"] == len(rest.encode())
     with pytest.raises(ValueError, match="query=prefix needs a split task"):
-        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {"text": "x = 2\n"}, ("x = 2\n",), 0)],
+        lm.loglikelihood_rolling([Instance(ROLLING, {"text": "x = 2\n"}, ("x = 2\n",), 0)],
                                  disable_tqdm=True)
 
 
@@ -143,15 +148,14 @@ def test_split_task_has_prefix_and_rest(default_corpus):
             assert doc["prefix"] == text[: text.index("\n", half) + 1]
 
 
-def test_retrieving_up_front_in_batches_gives_the_per_document_neighbours(small_index, default_corpus):
-    """Same ids in the same order. Distances agree to ~1e-3, not to the bit: Faiss computes a
-    batch of 20+ queries with BLAS (|q|^2 + |x|^2 - 2 q.x) and a single query directly, and a
-    padded encoder batch rounds differently from a batch of one."""
+def test_retrieving_up_front_in_batches_gives_the_per_document_neighbours(corpus_texts, default_corpus):
+    """Same ids in the same order (with Faiss and a padded encoder batch the distances agree
+    to ~1e-3, not to the bit: test_grpc compares batches through the real index)."""
     import numpy as np
 
     texts = [json.loads(line)["text"] for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8")]
     texts = texts[:70]
-    batched, single = retriever(small_index), retriever(small_index)
+    batched, single = retriever(FakeIndex(corpus_texts)), retriever(FakeIndex(corpus_texts))
     stats = batched.prefetch(texts, 8, batch=64, progress=False)
     assert stats["searched"] == len(set(texts))
     calls = []

@@ -1,12 +1,13 @@
-"""Selecting what to train on (issue 12): SIFT's greedy posterior-variance minimisation,
+"""Selecting what to train on: SIFT's greedy posterior-variance minimisation,
 adaptive compute, and the selection stage shared by every method and both backends."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_lm, requests
+from fakes import FakeIndex
+
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.retriever import Retriever
 from lm_eval_ttt.runlog import read_log
@@ -117,18 +118,14 @@ def test_gain_can_grow_after_a_pick_so_lazy_greedy_is_not_exact():
     assert before < 1e-12 < posterior.gains()[1]
 
 
-@pytest.mark.parametrize("backend", ["in-process", "gRPC"])
-def test_sift_through_the_model_logs_its_selection(tiny_lm, small_index, test_docs, tmp_path, backend):
+def test_sift_through_the_model_logs_its_selection(tiny_lm, small_index, test_docs, tmp_path):
+    """One real run: SIFT over gRPC shard servers; the picks equal the in-process index's."""
     from index_server.server import ServerConfig, start_server
 
-    server = None
-    index = str(small_index)
-    if backend == "gRPC":
-        server, port, _ = start_server(ServerConfig(index=small_index))
-        index = f"grpc://127.0.0.1:{port}"
+    server, port, _ = start_server(ServerConfig(index=small_index))
     try:
-        lm = make_lm(TTTNNLM, tmp_path / backend, tiny_lm, index, k=6, select="sift", candidates=40, sift_lambda=0.01,
-                     eval_at_k="0:3", max_neighbor_tokens=32)
+        lm = make_lm(TTTNNLM, tmp_path, tiny_lm, f"grpc://127.0.0.1:{port}", k=6, select="sift", candidates=40,
+                     sift_lambda=0.01, eval_at_k="0:3", max_neighbor_tokens=32)
         lm.loglikelihood_rolling(requests(test_docs[:2]), disable_tqdm=True)
         records = list(read_log(lm.log_stem).values())
         for r in records:
@@ -138,9 +135,9 @@ def test_sift_through_the_model_logs_its_selection(tiny_lm, small_index, test_do
             assert len(r["chunk_losses"]) == 6  # one training pass per selected example
         direct = Retriever.open(NeighbourSettings(index=str(small_index), select="sift", candidates=40))
         assert records[0]["neighbour_ids"] == direct.neighbours(test_docs[0], 6).ids  # same picks on both backends
+        lm.close()
     finally:
-        if server is not None:
-            server.stop(0)
+        server.stop(0)
 
 
 def test_nearest_selection_is_the_index_top_k(small_index, test_docs):
@@ -154,20 +151,19 @@ def test_nearest_selection_is_the_index_top_k(small_index, test_docs):
     assert len(found.sigmas) == 5 and found.vectors == "exact"
 
 
-def test_switching_the_selector_reuses_the_cached_candidates(small_index, test_docs, tmp_path):
-    first = Retriever.open(NeighbourSettings(index=str(small_index), select="sift", candidates=30), tmp_path)
+def test_switching_the_selector_reuses_the_cached_candidates(corpus_texts, test_docs, tmp_path):
+    index = FakeIndex(corpus_texts)
+    first = Retriever(index, NeighbourSettings(select="sift", candidates=30), tmp_path, encoder=index.encoder)
     first.neighbours(test_docs[1], 4)
-    again = Retriever.open(NeighbourSettings(index=str(small_index), select="nearest"), tmp_path)
-    calls = []
-    search = again.index.search
-    again.index.search = lambda *a: calls.append(a) or search(*a)
-    assert again.neighbours(test_docs[1], 4).cached and calls == []
+    again = Retriever(index, NeighbourSettings(select="nearest"), tmp_path, encoder=index.encoder)
+    assert again.neighbours(test_docs[1], 4).cached and index.calls["search"] == 1
 
 
-def test_pq_index_candidates_are_re_embedded(small_corpus, test_docs, tmp_path):
-    from conftest import build_small
-
-    pq = build_small(small_corpus, tmp_path / "pq", factory="IVF4,PQ16", max_tokens=32)
-    sift = Retriever.open(NeighbourSettings(index=str(pq), index_nprobe=4, select="sift", candidates=12))
+def test_lossy_index_candidates_are_re_embedded(corpus_texts, test_docs):
+    """An index that keeps only PQ codes has no vectors to give: SIFT re-embeds the texts."""
+    index = FakeIndex(corpus_texts, lossy=True)
+    sift = Retriever(index, NeighbourSettings(select="sift", candidates=12), encoder=index.encoder)
+    calls = index.encoder.calls
     found = sift.neighbours(test_docs[0], 3)
     assert found.vectors == "re-embedded" and len(found.ids) == 3
+    assert index.encoder.calls == calls + 2  # the query, then the candidates' texts

@@ -1,4 +1,4 @@
-"""Hyperparameters chosen on validation documents, never on test ones (issue 14)."""
+"""Hyperparameters chosen on validation documents, never on test ones."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import build_small, make_lm
 
-from conftest import TEST_TASKS, run
 from lm_eval_ttt.metrics import bits_per_byte, utf8_bytes
 from lm_eval_ttt.runlog import read_log
 from lm_eval_ttt.tune import TuneConfig, model_class, requests_for, run_tune, validation_documents
@@ -20,6 +20,7 @@ def tuned(tiny_lm, small_index, tmp_path_factory):
     config = TuneConfig(method="ttt-nn", param="lr", grid=(1e-4, 3e-3, 3e-2), docs=3, out=out,
                         model_args={"pretrained": str(tiny_lm), "index": str(small_index), "k": 2, "max_length": 64,
                                     "max_neighbor_tokens": 64, "device": "cpu", "batch_size": 1, "seed": 1,
+                                    "eval_at_k": "0:1",
                                     "neighbour_cache": str(out / "cache")})
     return config, run_tune(config, echo=lambda *a: None)
 
@@ -31,8 +32,11 @@ def test_tune_picks_the_lowest_validation_bits_per_byte_of_its_own_table(tuned, 
     assert result["chosen"] == min(rows, key=lambda r: r["bits_per_byte"])["value"]
     assert len({round(r["bits_per_byte"], 6) for r in rows}) == 3  # the grid makes a difference
     assert all(r["steps"] > 0 and r["seconds"] > 0 for r in rows)
+    for r in rows:  # the validation curve up to the tuned k (eval_at_k), its last point the row's value
+        assert list(r["curve"]) == ["0", "1", "2"] and r["curve"]["2"] == pytest.approx(r["bits_per_byte"], rel=1e-5)
+    assert len({r["curve"]["0"] for r in rows}) == 1  # k=0 is the untrained model whatever the rate
     assert json.loads((config.out / "tune.json").read_text())["chosen"] == result["chosen"]
-    from index_server.options import open_index
+    from index_server.index import open_index
 
     documents = validation_documents(open_index(str(small_index)), 3, 0, 300, 4000)
     assert [d for d, _ in documents] == result["validation"]["ids"]
@@ -71,15 +75,23 @@ def test_validation_documents_never_retrieve_themselves(tuned):
             assert corpus_id in record["excluded"]  # it was the nearest: excluded by id
 
 
-def test_tune_never_opens_a_test_split_file(tiny_lm, default_index, default_corpus, tmp_path):
-    """An audit hook sees every file the tune process opens: the test splits are not among them."""
+def test_tune_never_opens_a_test_split_file(tiny_lm, default_corpus, tmp_path):
+    """An audit hook sees every file the tune process opens: the test splits are not among them
+    (an index over the first documents of the bundled index split, its test split beside it)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = (default_corpus / "stdlib_code.index.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (corpus / "stdlib_code.index.jsonl").write_text("".join(lines[:60]), encoding="utf-8")
+    (corpus / "stdlib_code.test.jsonl").write_bytes((default_corpus / "stdlib_code.test.jsonl").read_bytes())
+    index = build_small(corpus / "stdlib_code.index.jsonl", tmp_path / "index")
     script = f"""
 import sys
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
 from lm_eval_ttt.cli import main
 code = main(["tune", "--method", "ttt-nn-interp", "--param", "lambda", "--grid", "0.1:0.3", "--docs", "2",
-             "--pretrained", {str(tiny_lm)!r}, "--k", "2", "--max-length", "64", "--out", {str(tmp_path / 'tune')!r}])
+             "--pretrained", {str(tiny_lm)!r}, "--index", {str(index)!r}, "--k", "2", "--max-length", "64",
+             "--out", {str(tmp_path / 'tune')!r}])
 test_files = sorted({{p for p in opened if p.endswith(".test.jsonl")}})
 print("TEST FILES OPENED:", test_files)
 sys.exit(code)
@@ -91,20 +103,34 @@ sys.exit(code)
 
 
 def test_a_run_records_the_tuned_value_and_refuses_a_mismatch(tuned, tiny_lm, small_index, tmp_path):
+    from lm_eval_ttt.model import TTTNNLM
+    from lm_eval_ttt.settings import ModelArgumentError
+
     config, result = tuned
     path = config.out / "tune.json"
-    args = (f"pretrained={tiny_lm},index={small_index},k=2,max_length=64,max_neighbor_tokens=64,"
-            f"neighbour_cache={tmp_path / 'cache'},tuned={path}")
-    common = ["--tasks", "ttt_test_mc", "--include_path", str(TEST_TASKS), "--limit", "1", "--device", "cpu"]
-    run("lm_eval", "--model", "ttt-nn", "--model_args", f"{args},lr={result['chosen']}", *common, "--output_path",
-        str(tmp_path / "ok"))
-    info = json.loads(next((tmp_path / "ok").rglob("results_*.json")).read_text())["config"]["ttt_nn"]["tuned"]
-    assert (info["param"], info["value"]) == ("lr", result["chosen"])
+    args = dict(k=2, max_neighbor_tokens=64, tuned=str(path))
+    lm = make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, lr=result["chosen"], **args)
+    info = lm.get_model_info()["ttt_nn"]["tuned"]
+    assert (info["param"], info["value"], info["k"]) == ("lr", result["chosen"], 2)
     assert info["validation"]["ids"] == result["validation"]["ids"] and info["validation"]["count"] == 3
     other = next(v for v in config.grid if v != result["chosen"])
-    proc = run("lm_eval", "--model", "ttt-nn", "--model_args", f"{args},lr={other}", *common, "--output_path",
-               str(tmp_path / "bad"), check=False)
-    assert proc.returncode != 0 and f"chose lr={result['chosen']} for ttt-nn, but this run is ttt-nn" in proc.stderr
+    with pytest.raises(ModelArgumentError, match=f"chose lr={result['chosen']} for ttt-nn, but this run is ttt-nn"):
+        make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, lr=other, **args)
+
+
+def test_a_run_at_another_k_than_the_tune_is_warned(tuned, tiny_lm, small_index, tmp_path):
+    """A value chosen at one k need not hold at another (LoRA's rate got worse past k=5)."""
+    from lm_eval_ttt.model import TTTNNLM
+
+    config, result = tuned
+    args = dict(max_neighbor_tokens=64, tuned=str(config.out / "tune.json"), lr=result["chosen"])
+    with pytest.warns(UserWarning, match=r"tuned at k=2; this run uses k=3"):
+        make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=3, **args)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_lm(TTTNNLM, tmp_path, tiny_lm, small_index, k=2, **args)
 
 
 def test_report_labels_tuned_rows():
@@ -115,3 +141,36 @@ def test_report_labels_tuned_rows():
     method, label = _label({"ttt_nn": {"settings": settings, "tuned": tuned}})
     assert label == "ttt-nn k=10 (lr=0.0001 tuned on 16 validation docs)"
     assert _label({"ttt_nn": {"settings": settings}})[1] == "ttt-nn k=10"
+
+
+def test_the_value_past_an_edge_of_the_grid():
+    from lm_eval_ttt.tune import beyond_edge
+
+    rows = [{"value": v} for v in (1e-4, 2e-4, 5e-4)]
+    assert beyond_edge(rows, rows[2]) == 1.25e-3 and beyond_edge(rows, rows[0]) == 5e-5
+    assert beyond_edge(rows, rows[1]) is None
+    ints = [{"value": v} for v in (32, 64, 128)]
+    assert beyond_edge(ints, ints[2]) == 256 and beyond_edge(ints, ints[0]) == 16
+    assert beyond_edge([{"value": 0.0}, {"value": 0.1}], {"value": 0.0}) == -0.1
+
+
+def test_a_choice_on_the_edge_widens_the_grid(tuned, tmp_path, monkeypatch):
+    """A validation curve whose minimum (3e-3) lies past the grid: --widen walks out until the
+    choice is inside, or says it stopped on the edge."""
+    import math
+    from dataclasses import replace
+
+    from lm_eval_ttt import tune
+
+    def evaluate(config, value, documents):
+        return {"value": value, "bits_per_byte": 1 + (math.log10(value) - math.log10(3e-3)) ** 2, "steps": 1,
+                "seconds": 1.0}
+
+    monkeypatch.setattr(tune, "evaluate_value", evaluate)
+    config, _ = tuned
+    widened = run_tune(replace(config, grid=(1e-4, 3e-4), out=tmp_path / "a", widen=5), echo=lambda *a: None)
+    assert widened["widened"] == [9e-4, 2.7e-3, 8.1e-3] and widened["chosen"] == 2.7e-3
+    assert "edge" not in widened["reason"]
+    stopped = run_tune(replace(config, grid=(1e-4, 3e-4), out=tmp_path / "b", widen=1), echo=lambda *a: None)
+    assert stopped["widened"] == [9e-4] and stopped["chosen"] == 9e-4 and "on the edge of the grid" in stopped["reason"]
+    assert run_tune(replace(config, grid=(1e-4, 3e-4), out=tmp_path / "c"), echo=lambda *a: None)["widened"] == []
