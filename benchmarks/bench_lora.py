@@ -93,7 +93,8 @@ def main() -> None:
     rows = []
     for name, m in measured.items():
         overhead = m["peak_mb"] - base
-        rows.append([name, round(m["peak_mb"]), round(overhead), round(overhead / full_overhead, 3) if m["neighbours"] else "-",
+        rows.append([name, round(m["peak_mb"]), round(overhead), round(overhead / full_overhead,
+                                                                       3) if m["neighbours"] else "-",
                      round(m["train_s"] / m["neighbours"], 3) if m["neighbours"] else "-",
                      round(len(texts) / m["wall"], 3), round(bits_per_byte(m["lls"], n_bytes), 4)])
     memory = "peak RSS MB" if args.device == "cpu" else "max allocated MB"
@@ -111,7 +112,8 @@ def main() -> None:
           f"{'met' if lora_share <= 0.25 else 'not met'}; without checkpointing {plain['overhead_vs_full']:.1%}, "
           f"of which importing peft is {peft_mb} MB ({peft_mb / full_overhead:.1%} of full TTT's)")
     print(f"LoRA doc_batch=8 / doc_batch=1 documents per second: {speed:.2f}x "
-          f"({'target >= 3x on a GPU' if args.device != 'cpu' else 'CPU: reported as measured; the 3x target is for GPUs'})")
+          "(" + ("target >= 3x on a GPU" if args.device != "cpu" else "CPU: reported as measured; the 3x target is for "
+                 "GPUs") + ")")
     write_json(args.json, out)
 
 

@@ -25,7 +25,8 @@ def main() -> None:
     walls, hooks = [], []
     for _ in range(args.runs):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True,
+                              check=True)
         walls.append((time.perf_counter() - start) * 1000)
         match = re.search(r"import time:\s+\d+ \|\s+(\d+) \|\s+lm_eval_ttt\._registration$", proc.stderr, re.M)
         if not match:
