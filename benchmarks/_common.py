@@ -39,14 +39,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def synthetic_corpus(n: int) -> Path:
     """n one-line documents (the texts do not matter for index benchmarks)."""
+    from index_server.atomic import atomic_write
+
     corpus = WORK / f"synthetic-{n}.jsonl"
     if not corpus.is_file():
         WORK.mkdir(parents=True, exist_ok=True)
-        tmp = corpus.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+
+        def write(f):
             for i in range(n):
-                f.write(json.dumps({"text": f"synthetic document {i}"}) + "\n")
-        tmp.replace(corpus)
+                f.write((json.dumps({"text": f"synthetic document {i}"}) + "\n").encode())
+
+        atomic_write(corpus, write)
     return corpus
 
 
@@ -72,9 +75,11 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def write_json(path: Path | None, rows: list[dict]) -> None:
+    from index_server.atomic import atomic_write
+
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        atomic_write(path, json.dumps(rows, indent=2, default=str) + "\n")
         print(f"\nwrote {len(rows)} rows to {path}")
 
 

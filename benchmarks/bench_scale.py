@@ -2,6 +2,12 @@
 
 Usage: python benchmarks/bench_scale.py [--vectors 2000000] [--dim 384] [--nlist 2048] [--pq 48]
                                         [--nprobe 32] [--refine-factor 8] [--json PATH]
+       python benchmarks/bench_scale.py --embeddings work/scale/embeddings \
+                                        --queries-corpus work/scale/corpus/scale.test.jsonl [--json PATH]
+
+With ``--embeddings``: the same layouts on real embeddings (``ttt-index embed`` parts), the
+queries the held-out documents of ``--queries-corpus`` embedded with the same encoder, nlist
+from ``ttt-index plan``'s rule unless given; no synthetic memory curve or projection.
 
 Data: a Gaussian mixture with thousands of centres, rows normalised like MiniLM embeddings,
 written as `ttt-index embed` parts; 1,000 held-out queries from the same mixture. Every
@@ -11,7 +17,8 @@ shard servers. Per layout: bytes per vector resident and on disk, recall@20 agai
 search, p50/p99 latency of single queries and batches of 64, server RSS, build time and
 peak RSS; build peak RSS of the on-disk layout at growing N; recall on the real embeddings
 of the bundled corpus; and a projection for the full Pile next to the reference's
-30 x 256 GB. Writes index_server/measured_recall.json (what `ttt-index plan` expects).
+30 x 256 GB. Records its recalls in index_server/measured_recall.json under this data's source
+(what `ttt-index plan` expects: the lower of the synthetic and the real figure).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from index_server.client import GrpcIndex  # noqa: E402
 from index_server.launcher import ShardProcess, start_shard_server  # noqa: E402
 from index_server.manifest import Manifest  # noqa: E402
 from index_server.options import IndexOptions  # noqa: E402
-from index_server.plan import MEASURED, human  # noqa: E402
+from index_server.plan import MEASURED, default_nlist, human, record_measured_recall  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
 from index_server.server import ServerConfig  # noqa: E402
 
@@ -52,6 +59,29 @@ def mixture(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
         block = means[rng.integers(centres, size=m)] + 0.6 * rng.standard_normal((m, dim), dtype=np.float32)
         out[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
+
+
+def real_data(args) -> tuple[Path, np.ndarray, str]:
+    """Real embedding parts, and their held-out queries embedded with the same encoder (cached)."""
+    import hashlib
+
+    from index_server.build import load_parts
+    from index_server.encoder import EncoderConfig, TextEncoder
+
+    layout, metas = load_parts(args.embeddings)
+    n = sum(m.n_docs for m in metas)
+    args.vectors, args.dim = n, layout.dim
+    args.nlist = args.nlist or default_nlist(n)
+    args.train_size = min(args.train_size, n)
+    key = hashlib.sha256(f"{args.queries_corpus.resolve()}:{args.queries_corpus.stat().st_size}:"
+                         f"{json.dumps(layout.encoder, sort_keys=True)}".encode()).hexdigest()[:12]
+    cached = WORK / f"scale-queries-{key}.npy"
+    if not cached.is_file():
+        texts = [json.loads(line)["text"] for line in open(args.queries_corpus, encoding="utf-8")]
+        encoder = TextEncoder(EncoderConfig(layout.encoder["name_or_path"], layout.encoder["max_tokens"]))
+        np.save(cached, encoder.encode(texts, progress=True))
+    queries = np.load(cached)
+    return args.embeddings, queries, f"{n:,} x {layout.dim} real embeddings ({args.embeddings.name})"
 
 
 def layouts(args) -> list[tuple[str, str, list[str], str]]:
@@ -166,23 +196,28 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--centres", type=int, default=4000)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--nlist", type=int, default=2048)
+    p.add_argument("--nlist", type=int, help="IVF lists (default: 2048; with --embeddings, plan's rule)")
     p.add_argument("--pq", type=int, default=48)
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--refine-factor", type=int, default=8)
     p.add_argument("--train-size", type=int, default=40 * 2048)
     p.add_argument("--rss-sizes", default="500000,1000000", help="smaller N for the build-memory curve")
     p.add_argument("--no-measured-recall", action="store_true", help="do not write index_server/measured_recall.json")
+    p.add_argument("--embeddings", type=Path, help="real embeddings (`ttt-index embed` parts) instead of the mixture")
+    p.add_argument("--queries-corpus", type=Path, help="with --embeddings: held-out JSONL documents as the queries")
     args = p.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    vectors = mixture(args.vectors, args.dim, args.centres, seed=0)
-    queries = mixture(args.queries, args.dim, args.centres, seed=1)
-    emb = embeddings_from_vectors(vectors, f"scale-{args.vectors}")
-    del vectors
-    print(f"data: {args.vectors} x {args.dim} vectors written as embedding parts "
-          f"({time.perf_counter() - started:.0f} s)",
-          flush=True)
+    if args.embeddings:
+        emb, queries, data = real_data(args)
+    else:
+        args.nlist = args.nlist or 2048
+        vectors = mixture(args.vectors, args.dim, args.centres, seed=0)
+        queries = mixture(args.queries, args.dim, args.centres, seed=1)
+        emb = embeddings_from_vectors(vectors, f"scale-{args.vectors}")
+        del vectors
+        data = f"{args.vectors:,} x {args.dim} clustered vectors"
+    print(f"data: {data}, {len(queries)} queries ({time.perf_counter() - started:.0f} s)", flush=True)
 
     rows, families, truth = [], {}, None
     options = IndexOptions(nprobe=args.nprobe, refine_factor=args.refine_factor)
@@ -224,6 +259,23 @@ def main() -> None:
         if name != f"IVF{args.nlist},PQ{args.pq} on-disk + refine" and name != "Flat":
             shutil.rmtree(out, ignore_errors=True)  # keep the disk use bounded
 
+    kind = "real" if args.embeddings else "synthetic"
+    source = f"{data}, nlist {args.nlist}, nprobe {args.nprobe}, refine {args.refine_factor} (bench_scale.py)"
+    if not args.no_measured_recall:
+        record_measured_recall(kind, source, {f: v["recall"] for f, v in families.items()})
+        print(f"recorded in {MEASURED} as the {kind} measurement: {source}")
+    if args.embeddings:
+        report(f"{data}, {SHARDS} shards, k={K}, nprobe {args.nprobe}, refine factor {args.refine_factor}; latency "
+               f"per call; 2 CPU cores", ["layout", "vectors", "B/vec RAM", "B/vec disk", "recall@20", "p50 ms",
+                                          "p99 ms", "batch64 p50", "gRPC p50", "gRPC b64 p50", "server RSS MB",
+                                          "build s", "build RSS MB"],
+               [[r[k] for k in ("layout", "vectors", "bytes_per_vector_resident", "bytes_per_vector_disk",
+                                "recall_at_20", "p50_ms", "p99_ms", "batch64_p50_ms", "grpc_p50_ms",
+                                "grpc_batch64_p50_ms", "server_rss_mb", "build_s", "build_peak_rss_mb")] for r in rows])
+        write_json(args.json, rows)
+        print(f"total {time.perf_counter() - started:.0f} s")
+        return
+
     memory_rows = []
     on_disk_factory, on_disk_flags = f"IVF{args.nlist},PQ{args.pq}", ["--on-disk"]
     for n in [int(x) for x in args.rss_sizes.split(",") if x] + [args.vectors]:
@@ -239,8 +291,8 @@ def main() -> None:
               round(real.get(next(f for n, _, _, f in layouts(args) if n == r["layout"]), float("nan")), 3),
               r["p50_ms"], r["p99_ms"], r["batch64_p50_ms"], r["grpc_p50_ms"], r["grpc_batch64_p50_ms"],
               r["server_rss_mb"], r["build_s"], r["build_peak_rss_mb"]] for r in rows]
-    report(f"{args.vectors:,} x {args.dim} clustered vectors, {SHARDS} shards, k={K}, nprobe {args.nprobe}, "
-           f"refine factor {args.refine_factor}; latency per call; 2 CPU cores",
+    report(f"{data}, {SHARDS} shards, k={K}, nprobe {args.nprobe}, refine factor {args.refine_factor}; latency per "
+           f"call; 2 CPU cores",
            ["layout", "vectors", "B/vec RAM", "B/vec disk", "recall@20", "recall@20 real", "p50 ms", "p99 ms",
             "batch64 p50", "gRPC p50", "gRPC b64 p50", "server RSS MB", "build s", "build RSS MB"], table)
     report(f"build peak RSS of {on_disk_factory} --on-disk against N (train sample {args.train_size}, blocks of 65536)",
@@ -262,10 +314,6 @@ def main() -> None:
           f"{'met' if max(peaks) <= 1.25 * min(peaks) else 'not met'}")
     print("  a Pile projection that fits one machine with < 64 GB RAM at recall >= 0.95: "
           + ("met" if fits else "not met"))
-    if not args.no_measured_recall:
-        MEASURED.write_text(json.dumps({f: round(v["recall"], 4) for f, v in families.items()}, indent=2,
-                                       sort_keys=True) + "\n")
-        print(f"wrote {MEASURED}")
     write_json(args.json, rows + [{"layout": f"build RSS at {m[0]}", "vectors": m[0], "build_peak_rss_mb": m[1]}
                                   for m in memory_rows])
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -81,7 +81,9 @@ def make_index(factory: str, dim: int, metric: str) -> faiss.Index:
         index = faiss.index_factory(dim, factory, _metric_type(metric))
     except RuntimeError as e:
         raise ValueError(f"invalid index factory string {factory!r} for dim {dim}: {e}") from e
-    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexRefine)):  # to the index that holds the codes
+        inner = faiss.downcast_index(inner.index if isinstance(inner, faiss.IndexPreTransform) else inner.base_index)
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False
     return index

@@ -11,9 +11,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .build import BuildConfig
-from .embed import STORE_DTYPES, EmbedConfig
+from .build import TRAIN_POINTS_PER_CENTROID, BuildConfig
+from .embed import DEFAULT_PART_BYTES, STORE_DTYPES, EmbedConfig
 from .encoder import EncoderConfig
+from .launcher import MAX_RESTARTS
 from .options import NLIST_PER_NPROBE, REFINE_FACTOR, IndexOptions
 from .server import ServerConfig
 from .source_corpus import SourceCorpusConfig
@@ -154,7 +155,8 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
                    help="documents per encoder batch (default: %(default)s)")
     p.add_argument("--device", default=EMBED["device"], help="torch device of the encoder (default: %(default)s)")
     p.add_argument("--num-parts", type=int,
-                   help="cut the corpus into this many byte-range parts (default: one per 256 MiB)")
+                   help=f"cut the corpus into this many byte-range parts (default: one per "
+                        f"{DEFAULT_PART_BYTES >> 20} MiB)")
     p.add_argument("--store-dtype", choices=STORE_DTYPES, default=EMBED["store_dtype"],
                    help="dtype of the stored embeddings (default: %(default)s)")
 
@@ -168,7 +170,7 @@ def add_server_arguments(p: argparse.ArgumentParser, single: bool = True) -> Non
     else:
         p.add_argument("--base-port", type=int, default=50051,
                        help="port of shard 0; shard i gets base+i; 0 picks free ports (default: %(default)s)")
-        p.add_argument("--max-restarts", type=int, default=5,
+        p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                        help="restarts of a shard server that dies (default: %(default)s)")
     p.add_argument("--host", default=SERVER["host"],
                    help="bind address (default: %(default)s, loopback only; others need --token-file or --insecure)")
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=BUILD["shards"],
                    help="number of shards, contiguous id ranges (default: %(default)s)")
     p.add_argument("--train-size", type=int, default=BUILD["train_size"],
-                   help="vectors sampled to train IVF/PQ (default: 64 per centroid)")
+                   help=f"vectors sampled to train IVF/PQ (default: {TRAIN_POINTS_PER_CENTROID} per centroid)")
     p.add_argument("--on-disk", action="store_true", help="IVF inverted lists in an on-disk file per shard")
     p.add_argument("--refine", action="store_true", help="store float16 vectors and re-rank candidates exactly")
     p.add_argument("--max-memory", help="choose factory/--on-disk/--refine for this RAM budget (e.g. 64G; see `plan`)")
@@ -296,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("serve-all", help="start one local server process per shard and print their addresses",
-                       description="Launch one `ttt-index serve` process per shard, print the grpc:// address list for "
-                                   "--model_args index=..., restart a server that dies, stop them all on Ctrl-C.")
+                       description="Start one shard server process per shard (each with these options), print the "
+                                   "grpc:// address list for --model_args index=..., restart a server that dies, stop "
+                                   "them all on Ctrl-C.")
     add_server_arguments(p, single=False)
     p.set_defaults(func=_cmd_serve_all)
     return parser

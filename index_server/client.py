@@ -12,9 +12,9 @@ else the servers' defaults) and travel with every request, so ``knobs`` is what 
 used. Batches are split to fit the servers' batch and message limits. Failure policy ``fail``
 raises, naming the server. ``degrade`` answers from the live servers and reports the missing
 shards with every result (searches and text fetches alike); it starts even while some
-servers are down, and a server that just failed is skipped without paying for retries until
-``DEAD_COOLDOWN_S`` has passed, when one call probes it again (a server that comes back is
-checked before it is used).
+servers are down, and a server that just failed is skipped at once, without a call or its
+retries, until ``DEAD_COOLDOWN_S`` has passed, when one call (with the channel's retries)
+probes it again (a server that comes back is checked before it is used).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ class EncoderConfig:
     """Everything that determines an embedding; recorded in the index manifest."""
 
     name_or_path: str = DEFAULT_ENCODER
-    # 256 is the sequence length all-MiniLM-L6-v2 was trained at (the reference used 512
-    # with RoBERTa-large); on 2 CPU cores this embeds ~18 documents/s.
+    # 256 is the sequence length all-MiniLM-L6-v2 was trained at (the paper's RoBERTa-large
+    # encoder read 512); on 2 CPU cores this embeds ~18 documents/s.
     max_tokens: int = 256
     batch_size: int = 32
 

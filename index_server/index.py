@@ -4,8 +4,8 @@
 ``search.LocalIndex`` and the gRPC ``client.GrpcIndex`` both satisfy it (a remote index has
 the local one's surface, as faiss's ``contrib/client_server.ClientIndex`` mirrors a local
 index), and so does any test double. ``open_index(spec, options)`` picks the backend from
-one spec string, so callers (the harness models, the CLI, benchmarks) build no client
-themselves and no option is lost on the way.
+one spec string, so the harness models and ``ttt-nn tune`` build no client themselves and
+no option is lost on the way (benchmarks that compare the backends build each one).
 
 This module sits above both backends and nothing in the package imports it back.
 """

@@ -31,6 +31,7 @@ from .manifest import Manifest
 from .server import ServerConfig, serve
 
 _PR_SET_PDEATHSIG = 1
+MAX_RESTARTS = 5  # of one shard server that keeps dying, before serve-all leaves it down
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -56,7 +57,9 @@ class ShardProcess:
         """SIGTERM (the server drains in-flight requests), then its exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        code = self.process.wait(timeout=timeout)
+        self.process.stdout.close()
+        return code
 
 
 def start_shard_server(config: ServerConfig, die_with_parent: bool = True) -> ShardProcess:
@@ -70,6 +73,7 @@ def start_shard_server(config: ServerConfig, die_with_parent: bool = True) -> Sh
     line = process.stdout.readline()
     if not line.startswith("serving"):
         code = process.wait()
+        process.stdout.close()
         raise RuntimeError(f"shard server for shards {config.shards} exited before serving (exit code {code}); its "
                            f"error is above")
     return ShardProcess(process, line.rsplit(" ", 1)[-1].strip(), line.strip())
@@ -92,7 +96,7 @@ class _Child:
         return self.server.line
 
 
-def serve_all(config: ServerConfig, base_port: int, max_restarts: int = 5, poll_s: float = 0.5) -> None:
+def serve_all(config: ServerConfig, base_port: int, max_restarts: int = MAX_RESTARTS, poll_s: float = 0.5) -> None:
     """One server per shard of ``config.index`` (shard i on ``base_port + i``; 0: free ports),
     each with ``config`` otherwise, until SIGTERM or SIGINT."""
     manifest = Manifest.load(config.index)  # each server verifies the files (with its corpus root) before serving

@@ -10,7 +10,8 @@ quantizer (nlist x d x 4 bytes) once; on-disk lists keep only the quantizer resi
 list pages through the page cache. On disk: codes and ids, plus 2d bytes with ``--refine``,
 plus the document table entry (``DOC_TABLE_DTYPE``). Expected recall@20 comes from our own measurements
 (``benchmarks/bench_scale.py`` writes ``measured_recall.json`` next to this file), keyed by
-code family and bytes per dimension.
+code family and bytes per dimension, per source (synthetic mixtures, real embeddings): the plan
+expects the lower of the two.
 
 The rule: among the layouts whose resident memory fits 80% of the budget (the rest is left
 for the language model, the encoder and the OS) and whose disk fits ``--max-disk``, choose
@@ -56,8 +57,30 @@ def default_nlist(n: int) -> int:
     return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))))
 
 
+SOURCES = ("synthetic", "real")  # the kinds of data a recall was measured on
+
+
 def measured_recall() -> dict[str, float]:
-    return json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    """Recall@20 per layout family: the worse of the synthetic and the real measurement where
+    both exist (they rank differently, so the plan expects the lower one)."""
+    sources = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    recall: dict[str, float] = {}
+    for source in sources.values():
+        for family, value in source["recall"].items():
+            recall[family] = min(value, recall.get(family, value))
+    return recall
+
+
+def record_measured_recall(kind: str, data: str, families: dict[str, float]) -> None:
+    """Replace the last measurement on this kind of data (``SOURCES``) in
+    ``measured_recall.json``, keeping the other kind's."""
+    from .atomic import atomic_write
+
+    if kind not in SOURCES:
+        raise ValueError(f"kind of data must be one of {SOURCES}, got {kind!r}")
+    sources = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    sources[kind] = {"data": data, "recall": {f: round(v, 4) for f, v in sorted(families.items())}}
+    atomic_write(MEASURED, json.dumps(sources, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

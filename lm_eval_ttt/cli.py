@@ -91,7 +91,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     grid = tuple(handle_arg_string(v) for v in args.grid.split(":") if v)
     run_tune(TuneConfig(method=args.method, param=args.param, grid=grid, model_args=model_args, docs=args.docs,
                         min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out,
-                        widen=args.widen))
+                        widen=args.widen, validation_file=args.validation_file))
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=tune.seed, help="seed of the validation sample (default: %(default)s)")
     p.add_argument("--out", type=Path, default=tune.out,
                    help="writes tune.json and scratch logs here (default: %(default)s)")
+    p.add_argument("--validation-file", type=Path,
+                   help="validation split file (JSONL) to draw the documents from, e.g. the one `ttt-index corpus` "
+                        "wrote (default: documents of the index's own corpus, each excluded from its neighbours)")
     p.add_argument("--widen", type=int, default=tune.widen,
                    help="while the choice lands on an edge of the grid, evaluate the next value past it, up to this "
                         "many times (default: %(default)s)")

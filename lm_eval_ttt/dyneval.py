@@ -25,6 +25,7 @@ def score_dynamically(lm, trainer: Trainer, document: Document, iterations: int,
         start = time.perf_counter()
         window_lls.append(lm.score_windows([(context, continuation)])[0][0])
         score_s += time.perf_counter() - start
-        if i < len(windows) - 1 and iterations:
-            trainer.train([[context + continuation] * iterations], lr=lr)
+        if i < len(windows) - 1:
+            for _ in range(iterations):  # one step each, whatever the trainer's neighbour_batch
+                trainer.train([[context + continuation]], lr=lr)
     return document.kind.fold([(ll, False) for ll in window_lls]), window_lls, score_s

@@ -204,8 +204,7 @@ class BatchedLoRATrainer:
         for sequences in documents:
             chunks = []
             for n, tokens in enumerate(sequences):
-                chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length,
-                                                        self.config.max_neighbor_tokens)]
+                chunks += [(n, c) for c in chunk_tokens(tokens, self.config.max_length)]
             per_doc.append(chunks)
         losses: list[list[list[torch.Tensor]]] = [[[] for _ in n] for n in documents]
         self.model.train()
@@ -224,7 +223,7 @@ class BatchedLoRATrainer:
                 seconds = (time.perf_counter() - start) / len(active)
                 for d, loss in zip(active, row_loss.detach()):
                     losses[d][per_doc[d][t][0]].append(loss)
-                    self._work[d].add(1, 0, len(per_doc[d][t][1]), seconds)
+                    self._work[d].add(steps=1, skipped=0, tokens=len(per_doc[d][t][1]), seconds=seconds)
         finally:
             self.model.eval()
         flat = [x for doc in losses for n in doc for x in n]

@@ -50,7 +50,6 @@ class TTTNNLM(NeighbourLM):
             self._model, self.trainer = build_trainer(
                 self.model, self.train_settings, max_length=self.max_length, seed=self.seed,
                 pad_id=self.tokenizer.pad_token_id or 0, peft_loaded=bool(self.peft),
-                max_neighbor_tokens=self.ttt_settings.max_neighbor_tokens,
                 reset_optimizer=self.ttt_settings.reset_optimizer, neighbour_batch=self.ttt_settings.neighbour_batch)
         if self.ttt_settings.dyneval_iterations:  # dynamic evaluation learns from a scored text: rolling tasks only
             self.request_types = tuple(name for name in REQUEST_TYPES if KINDS[name].own_text)
@@ -76,7 +75,10 @@ class TTTNNLM(NeighbourLM):
         return implied_hf_kwargs(self.settings_of(TrainSettings))
 
     def identity(self) -> dict:
-        return {**super().identity(), "lr": self.trainer.lr if self.trainer else None}
+        identity = {**super().identity(), "lr": self.trainer.lr if self.trainer else None}
+        if not self.ttt_settings.dyneval_iterations:
+            del identity["dyneval_lr"]  # no step on the document: its rate changes no score
+        return identity
 
     def training_order(self, neighbours: Neighbours) -> Neighbours:
         """Farthest first (the order ablation) reverses the neighbours; their sigmas follow
@@ -87,9 +89,10 @@ class TTTNNLM(NeighbourLM):
                                    texts=neighbours.texts[::-1], sigmas=None)
 
     def neighbour_tokens(self, neighbours: Neighbours) -> list[list[int]]:
+        """Each neighbour's tokens, its first ``max_neighbor_tokens`` when capped."""
         cap = self.ttt_settings.max_neighbor_tokens
         texts = [t[: cap * CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
-        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return [self.tokenizer(t, add_special_tokens=False).input_ids[:cap] for t in texts]
 
     def document_batches(self, documents: list[Document]) -> list[list[Document]]:
         """As many documents as the trainer trains at once, similar lengths together (less padding)."""
@@ -103,12 +106,12 @@ class TTTNNLM(NeighbourLM):
         return self.trainer.weights(slot) if self.trainer is not None else contextlib.nullcontext()
 
     def _results(self, documents: list[Document]) -> list[list]:
-        """Each document's answers with its own trained weights: one document through HFLM's
-        own scoring; a batch with one forward pass per batch of pairs, row i with the weights
-        of its document (generations one document at a time)."""
-        if len(documents) == 1:
+        """Each document's answers with its own trained weights: a one-slot trainer's document
+        through HFLM's own scoring; a batched trainer's documents with one forward pass per
+        batch of pairs, row i with the weights of its document (generations one at a time)."""
+        if self.trainer is None or self.trainer.slots == 1:
             with self._weights(0):
-                return [self.answers(documents[0])]
+                return [self.answers(d) for d in documents]
         pairs, owners = [], []
         for slot, document in enumerate(documents):
             if document.kind.pairs is not None:

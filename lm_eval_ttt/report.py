@@ -23,7 +23,7 @@ from index_server.atomic import atomic_write
 
 from .documents import ROLLING
 from .metrics import METRICS, bits_per_byte
-from .runlog import document_seconds, merged_records
+from .runlog import document_seconds, merged_records, rank_files
 
 
 @dataclass
@@ -120,7 +120,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
         info = config.get("ttt_nn") or {}
         model = _model_of(config)
         resumed = int((info.get("this_process") or {}).get("resumed", 0))
-        records = list(merged_records(map(Path, info.get("log_files", ()))).values())
+        files = [Path(f) for f in info["log_files"]] if "log_files" in info else (
+            rank_files(Path(info["log"])) if info.get("log") else [])  # results written before log_files
+        records = list(merged_records(files).values())
         for task, row in data["results"].items():
             if f"{METRICS[0]},none" not in row:
                 continue

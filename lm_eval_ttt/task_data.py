@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 
-def _read_jsonl(path: Path):
+def read_jsonl(path: Path):
     if path.suffix == ".zst":
         import zstandard  # only needed for the compressed Pile files
 
@@ -56,12 +57,48 @@ def _dataset(rows: list[dict], source: str, split_prefix: float | None = None) -
     return {"test": datasets.Dataset.from_list(records)}
 
 
+def seeded_sample(n: int, texts_of, count: int | None, seed: int = 0, min_chars: int = 0,
+                  max_chars: int | None = None, batch: int = 256) -> list[tuple[int, str]]:
+    """The rule that picks held-out and validation documents, as (position, text): positions
+    0..n-1 in a permutation seeded by ``seed``, those whose text (``texts_of(positions)``, read
+    a batch at a time; None: unavailable) has ``min_chars`` to ``max_chars`` characters, the
+    first ``count`` of them (all when None)."""
+    order = np.random.default_rng(seed).permutation(n)
+    chosen = []
+    for start in range(0, n, batch):
+        positions = [int(i) for i in order[start : start + batch]]
+        for position, text in zip(positions, texts_of(positions)):
+            if text is not None and min_chars <= len(text) and (max_chars is None or len(text) <= max_chars):
+                chosen.append((position, text))
+                if len(chosen) == count:
+                    return chosen
+    return chosen
+
+
+def load_corpus(corpus_file: str | None = None, sample: int | None = None, seed: int = 0, min_chars: int = 0,
+                max_chars: int | None = None, split_prefix: float | None = None, **kwargs) -> dict:
+    """The documents of a corpus JSONL file (e.g. the test split ``ttt-index corpus`` wrote),
+    optionally a seeded sample of them (``seeded_sample``). The file comes from
+    ``--metadata '{"corpus_file": ...}'`` or ``TTT_NN_CORPUS_FILE``."""
+    corpus_file = corpus_file or os.environ.get("TTT_NN_CORPUS_FILE")
+    if not corpus_file:
+        raise ValueError("ttt_corpus reads a corpus file: pass --metadata "
+                         "'{\"corpus_file\": \"path/to/x.test.jsonl\"}' or set TTT_NN_CORPUS_FILE")
+    path = Path(corpus_file).expanduser()
+    rows = list(read_jsonl(path))
+    if sample is not None or min_chars or max_chars:
+        picked = seeded_sample(len(rows), lambda positions: [rows[p]["text"] for p in positions], sample, seed,
+                               min_chars, max_chars)
+        rows = [rows[p] for p, _ in picked]
+    return _dataset(rows, str(path), split_prefix)
+
+
 def load_bundled(subset: str = "stdlib_code", split_prefix: float | None = None, **kwargs) -> dict:
     """Held-out test split of the bundled corpus (written on first use)."""
     from lm_eval_ttt.assets import ensure_default_corpus
 
     path = ensure_default_corpus() / f"{subset}.test.jsonl"
-    return _dataset(list(_read_jsonl(path)), str(path), split_prefix)
+    return _dataset(list(read_jsonl(path)), str(path), split_prefix)
 
 
 def load_pile(pile_set_name: str, pile_file: str | None = None, split_prefix: float | None = None, **kwargs) -> dict:
@@ -77,5 +114,5 @@ def load_pile(pile_set_name: str, pile_file: str | None = None, split_prefix: fl
             "'{\"pile_file\": \"/path/to/test.jsonl.zst\"}' or set PILE_TEST_FILE"
         )
     path = Path(pile_file).expanduser()
-    rows = [r for r in _read_jsonl(path) if (r.get("meta") or {}).get("pile_set_name") == pile_set_name]
+    rows = [r for r in read_jsonl(path) if (r.get("meta") or {}).get("pile_set_name") == pile_set_name]
     return _dataset(rows, f"{path} (pile_set_name {pile_set_name!r})", split_prefix)

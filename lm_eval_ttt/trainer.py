@@ -40,8 +40,12 @@ class TrainWork:
 class Trainer(Protocol):
     """Test-time training of up to ``slots`` documents at once, each with its own weights."""
 
-    lr: float  # the configured learning rate
     slots: int  # documents trained at once
+
+    @property
+    def lr(self) -> float:
+        """The configured learning rate."""
+        ...
 
     def train(self, documents: Sequence[Sequence[Sequence[int]]], lr: float | None = None) -> list[list[list[float]]]:
         """Train slot i on ``documents[i]``: token sequences in training order, each cut into
@@ -61,8 +65,9 @@ class Trainer(Protocol):
         ...
 
     def reset(self) -> None:
-        """Every slot back to the original weights and a fresh optimizer state (unless the
-        reference's Adam leak was asked for), its work counted from zero."""
+        """Every slot back to the original weights and a fresh optimizer state (unless
+        ``reset_optimizer=false`` keeps Adam's moments, the reference code's leak), its work
+        counted from zero."""
         ...
 
 

@@ -154,8 +154,8 @@ def train_top_layers(model: torch.nn.Module, n: int) -> None:
 
 
 def build_trainer(model: torch.nn.Module, t: TrainSettings, *, max_length: int, seed: int, pad_id: int,
-                  peft_loaded: bool, max_neighbor_tokens: int | None = None, reset_optimizer: bool = True,
-                  neighbour_batch: int = 1) -> tuple[torch.nn.Module, Trainer]:
+                  peft_loaded: bool, reset_optimizer: bool = True, neighbour_batch: int = 1
+                  ) -> tuple[torch.nn.Module, Trainer]:
     """The trainer for the settings, and the model to score with: ``model`` itself, or the
     adapted one when ``adapter=lora`` wraps it. ``peft_loaded``: ``model`` carries a
     ``peft=`` adapter, which is what trains."""
@@ -165,9 +165,8 @@ def build_trainer(model: torch.nn.Module, t: TrainSettings, *, max_length: int, 
         lr = t.lr
     else:
         lr = DEFAULT_LORA_LR if t.adapter == "lora" else default_lr(n_parameters(model))
-    config = TTTConfig(lr=lr, max_length=max_length, max_neighbor_tokens=max_neighbor_tokens,
-                       reset_optimizer=reset_optimizer, precision=t.precision, compile=t.compile,
-                       neighbour_batch=neighbour_batch)
+    config = TTTConfig(lr=lr, max_length=max_length, reset_optimizer=reset_optimizer, precision=t.precision,
+                       compile=t.compile, neighbour_batch=neighbour_batch)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     if t.adapter != "lora":

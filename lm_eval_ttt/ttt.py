@@ -1,9 +1,10 @@
 """Full-weight test-time training of one document: one AdamW step per neighbour chunk, then an
-exact reset. ``TestTimeTrainer`` is a ``trainers.Trainer`` with one slot.
+exact reset. ``TestTimeTrainer`` is a ``trainer.Trainer`` with one slot.
 
-Per document: ``train([sequences])`` takes the token sequences in the given order, cuts
-each into non-overlapping chunks of ``max_length`` tokens (capped at ``max_neighbor_tokens``),
-and takes one step per chunk, or per ``neighbour_batch`` chunks padded into one batch;
+Per document: ``train([sequences])`` takes the token sequences in the given order (the
+caller caps a neighbour at ``max_neighbor_tokens``), cuts each into non-overlapping chunks of
+``max_length`` tokens, and takes one step per chunk, or per ``neighbour_batch`` chunks padded
+into one batch;
 ``reset()`` copies the original weights back in place and empties the optimizer state. The
 snapshot is one copy of the trainable parameters (all of them, or the top blocks with
 ``train_layers``) taken once; no module deepcopy and no reload from disk, so a reset costs
@@ -44,7 +45,6 @@ class LowPrecisionWeightsError(ValueError):
 class TTTConfig:
     lr: float
     max_length: int  # tokens per training chunk (the scoring window too)
-    max_neighbor_tokens: int | None = None  # cap per neighbour; None trains on all of it
     weight_decay: float = 0.01
     eps: float = 1e-8
     grad_clip: float = 1.0
@@ -175,7 +175,7 @@ class TestTimeTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self._work.add(1, skipped, sum(map(len, chunks)), 0.0)
+        self._work.add(steps=1, skipped=skipped, tokens=sum(map(len, chunks)), seconds=0.0)
         return per_chunk
 
     def train(self, documents: Sequence[Sequence[Sequence[int]]], lr: float | None = None) -> list[list[list[float]]]:
@@ -183,7 +183,7 @@ class TestTimeTrainer:
         (sequences,) = documents
         start = time.perf_counter()
         chunks = [(n, c) for n, tokens in enumerate(sequences)
-                  for c in chunk_tokens(tokens, self.config.max_length, self.config.max_neighbor_tokens)]
+                  for c in chunk_tokens(tokens, self.config.max_length)]
         size = self.config.neighbour_batch
         self.model.train()
         try:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 
-import numpy as np
 from lm_eval.api.instance import Instance
 
 from index_server.atomic import atomic_write
@@ -29,6 +28,7 @@ from .metrics import bits_per_byte, utf8_bytes
 from .report import Run, curve_points
 from .runlog import document_seconds, read_log
 from .settings import NeighbourSettings, known_names, parse_model_args
+from .task_data import read_jsonl, seeded_sample
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class TuneConfig:
     seed: int = 0
     out: Path = Path("work/tune")
     widen: int = 0  # values added beyond an edge of the grid while the choice lands on it
+    validation_file: Path | None = None  # a held-out validation split instead of the index's own documents
 
 
 def model_class(method: str):
@@ -53,23 +54,25 @@ def model_class(method: str):
     return getattr(import_module(module), name)
 
 
+def file_documents(path: Path, count: int, seed: int, min_chars: int, max_chars: int) -> list[tuple[int, str]]:
+    """(position in the file from 1, text) of up to ``count`` documents of a validation split, by the
+    ``ttt_corpus`` task's rule (``task_data.seeded_sample``). None of them is in the index."""
+    texts = [row["text"] for row in read_jsonl(Path(path))]
+    picked = seeded_sample(len(texts), lambda positions: [texts[p] for p in positions], count, seed, min_chars,
+                           max_chars)
+    return [(position + 1, text) for position, text in picked]
+
+
 def validation_documents(index, count: int, seed: int, min_chars: int, max_chars: int) -> list[tuple[int, str]]:
     """(corpus id, text) of up to ``count`` documents of the index's corpus, a seeded sample
-    of those whose length lies in [min_chars, max_chars]."""
-    order = np.random.default_rng(seed).permutation(index.manifest.n_vectors)
-    chosen = []
-    for start in range(0, len(order), 256):
-        ids = [int(i) for i in order[start : start + 256]]
-        for doc_id, text in zip(ids, index.texts(ids)):
-            if text is not None and min_chars <= len(text) <= max_chars:
-                chosen.append((doc_id, text))
-                if len(chosen) == count:
-                    return chosen
-    return chosen
+    (``task_data.seeded_sample``) of those whose length lies in [min_chars, max_chars]."""
+    return seeded_sample(index.manifest.n_vectors, index.texts, count, seed, min_chars, max_chars)
 
 
-def requests_for(documents: list[tuple[int, str]]) -> list[Instance]:
-    return [Instance(ROLLING, {"ttt_nn_corpus_id": doc_id}, (text,), i,
+def requests_for(documents: list[tuple[int, str]], in_index: bool = True) -> list[Instance]:
+    """Rolling requests; documents of the index's corpus carry their id, to be excluded from
+    their own neighbours."""
+    return [Instance(ROLLING, {"ttt_nn_corpus_id": doc_id} if in_index else {}, (text,), i,
                      metadata=("ttt_nn_validation", i, 1)) for i, (doc_id, text) in enumerate(documents)]
 
 
@@ -79,13 +82,15 @@ def evaluate_value(config: TuneConfig, value, documents: list[tuple[int, str]]) 
     cls = model_class(config.method)
     args = {**config.model_args, config.param: value, "log_dir": str(config.out / "logs")}
     lm = cls(**args)
+    requests = requests_for(documents, in_index=config.validation_file is None)
     try:
-        lls = lm.loglikelihood_rolling(requests_for(documents))
+        lls = lm.loglikelihood_rolling(requests)
     finally:
         lm.close()
-    keys = {d.key for d in group_documents(ROLLING, requests_for(documents))}
+    keys = {d.key for d in group_documents(ROLLING, requests)}
     records = [r for key, r in read_log(lm.log_stem).items() if key in keys]
-    curve = curve_points(Run(Path(), "validation", config.method, config.method, {}, len(records), 0.0, records))
+    curve = curve_points(Run(source=Path(), task="validation", method=config.method, label=config.method, metrics={},
+                             documents=len(records), wall_s=0.0, records=records))
     return {"value": value, "bits_per_byte": bits_per_byte(lls, utf8_bytes([t for _, t in documents])),
             "steps": sum(r.get("train_steps", 0) for r in records),
             # read from the log, so a value resumed from an earlier tune (a widened grid) reports
@@ -109,6 +114,20 @@ def beyond_edge(rows: list[dict], best: dict):
     return float(f"{step:.3g}") if isinstance(step, float) else step
 
 
+def invalid(method: str, param: str, value) -> str | None:
+    """Why the method refuses ``param=value`` (its settings' bounds), or None."""
+    from .settings import ALIASES, ModelArgumentError, build
+
+    name = ALIASES.get(param, param)
+    for group in model_class(method).setting_groups:
+        if name in known_names([group]):
+            try:
+                build(group, {name: value})
+            except ModelArgumentError as e:
+                return str(e).replace(f"{name}:", f"{param}:", 1)  # the name the tune was given
+    return None
+
+
 def choose(rows: list[dict]) -> tuple[dict, str]:
     """Lowest bits per byte; equal ones (to 1e-9) go to fewer steps, then fewer seconds."""
     best = min(rows, key=lambda r: (round(r["bits_per_byte"], 9), r["steps"], r["seconds"]))
@@ -129,15 +148,20 @@ def run_tune(config: TuneConfig, echo=print) -> dict:
     spec = settings.index if settings.index is not None else str(ensure_default_index())
     index = open_index(spec, settings.index_options())  # the run's token, TLS, corpus root, timeout
     try:
-        documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
         identity = index.manifest.identity
+        if config.validation_file is None:
+            documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
     finally:
         index.close()
+    if config.validation_file is not None:
+        documents = file_documents(config.validation_file, config.docs, config.seed, config.min_chars, config.max_chars)
+        where = f"{config.validation_file} (documents"
+    else:
+        where = f"the corpus of index {identity}, each excluded from its own neighbours (ids"
     if not documents:
-        raise ValueError(f"no document of the index's corpus has {config.min_chars}-{config.max_chars} characters")
-    echo(f"{len(documents)} validation documents from the corpus of index {identity} (ids "
-         f"{[d for d, _ in documents][:8]}{' ...' if len(documents) > 8 else ''}), each excluded from its own "
-         f"neighbours; {config.method} {config.param} in {list(config.grid)}")
+        raise ValueError(f"no validation document has {config.min_chars}-{config.max_chars} characters")
+    echo(f"{len(documents)} validation documents from {where} {[d for d, _ in documents][:8]}"
+         f"{' ...' if len(documents) > 8 else ''}); {config.method} {config.param} in {list(config.grid)}")
     echo(f"{config.param:>12}  {'bits/byte':>10}  {'steps':>6}  {'seconds':>8}")
     rows, widened = [], []
     values = list(config.grid)
@@ -148,7 +172,10 @@ def run_tune(config: TuneConfig, echo=print) -> dict:
         echo(f"{r['value']!s:>12}  {r['bits_per_byte']:>10.4f}  {r['steps']:>6}  {r['seconds']:>8.1f}{curve}")
         if not values and len(widened) < config.widen:  # the choice on an edge: look past it
             value = beyond_edge(rows, choose(rows)[0])
-            if value is not None:
+            problem = value is not None and invalid(config.method, config.param, value)
+            if problem:
+                echo(f"{'':>12}  the choice lies on the edge of the grid, but past it {problem}: not widened")
+            elif value is not None:
                 echo(f"{'':>12}  the choice lies on the edge of the grid: widened with {config.param}={value}")
                 widened.append(value)
                 values.append(value)
@@ -156,11 +183,14 @@ def run_tune(config: TuneConfig, echo=print) -> dict:
     if beyond_edge(rows, best) is not None:
         reason += " (on the edge of the grid: widen it)"
     k = settings.k if NeighbourSettings in model_class(config.method).setting_groups else None
+    k = best["value"] if config.param == "k" else k
     result = {
         "method": config.method, "param": config.param, "chosen": best["value"], "k": k, "reason": reason, "rows": rows,
         "validation": {"count": len(documents), "ids": [d for d, _ in documents], "index": identity,
-                       "seed": config.seed},
-        "config": {**asdict(config), "out": str(config.out), "grid": list(config.grid)}, "widened": widened,
+                       "seed": config.seed, "file": str(config.validation_file) if config.validation_file else None},
+        "config": {**asdict(config), "out": str(config.out), "grid": list(config.grid),
+                   "validation_file": str(config.validation_file) if config.validation_file else None},
+        "widened": widened,
     }
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "tune.json"

@@ -133,9 +133,12 @@ def test_neighbour_batch_takes_one_step_per_batch_and_one_is_the_paper_loop_bit_
 
 def test_compute_settings_change_the_identity(tiny_lm, corpus_texts, tmp_path):
     base = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts)
-    for change in ({"train_layers": 1}, {"neighbour_batch": 2}, {"dyneval_iterations": 1},
-                   {"dyneval_iterations": 1, "dyneval_lr": 1e-3}):
-        assert fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, **change).log_stem != base.log_stem, change
+    stems = {fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, **change).log_stem for change in (
+        {"train_layers": 1}, {"neighbour_batch": 2}, {"dyneval_iterations": 1},
+        {"dyneval_iterations": 1, "dyneval_lr": 1e-3})}
+    assert len(stems) == 4 and base.log_stem not in stems
+    # without steps on the document its rate changes no score: the same log
+    assert fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, dyneval_lr=1e-3).log_stem == base.log_stem
 
 
 def _halves(tiny_lm) -> tuple[str, str]:
@@ -176,11 +179,17 @@ def test_dynamic_evaluation_after_the_neighbours_never_trains_on_a_token_before_
 
 
 def test_dynamic_evaluation_without_neighbours_is_ttt_nn_dyneval(tiny_lm, corpus_texts, test_docs, tmp_path):
+    """The document's own windows are trained on whole: max_neighbor_tokens caps neighbours only,
+    and neighbour_batch batches neighbour chunks, never a window's iterations."""
     ours = fake_lm(TTTNNLM, tmp_path / "ttt", tiny_lm, corpus_texts, k=0, dyneval_iterations=1, dyneval_lr=1e-3,
-                   lr=1e-3)
+                   lr=1e-3, max_neighbor_tokens=16, neighbour_batch=4)
     theirs = make_lm(DynamicEvalLM, tmp_path / "dyneval", tiny_lm, None, iterations=1, lr=1e-3)
     docs = requests(test_docs[:2])
     assert ours.loglikelihood_rolling(docs, disable_tqdm=True) == theirs.loglikelihood_rolling(docs, disable_tqdm=True)
+    twice = fake_lm(TTTNNLM, tmp_path / "twice", tiny_lm, corpus_texts, k=0, dyneval_iterations=2, neighbour_batch=2)
+    twice.loglikelihood_rolling(requests(test_docs[:1]), disable_tqdm=True)
+    (record,) = read_log(twice.log_stem).values()
+    assert record["document_steps"] == 2 * (len(record["window_lls"]) - 1)  # two steps per window, not one batch
 
 
 @pytest.mark.parametrize("args", [{"adapter": "lora", "lr": 1e-2}, {"select": "sift", "candidates": 20}],

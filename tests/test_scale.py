@@ -229,3 +229,16 @@ def test_plan_picks_the_most_accurate_layout_that_fits(capsys):
     assert "<- chosen" in proc.stdout and f"chosen: {chosen.describe()}" in proc.stdout
     with pytest.raises(ValueError, match="no layout of 210000000 x 1024 vectors fits"):
         choose(210_000_000, 1024, parse_bytes("100M"))
+
+
+def test_plan_expects_the_worse_of_the_measured_sources(tmp_path, monkeypatch):
+    from index_server import plan
+
+    monkeypatch.setattr(plan, "MEASURED", tmp_path / "measured.json")
+    plan.record_measured_recall("synthetic", "2M mixture", {"IVF,PQ(d/8)": 0.31, "IVF,PQ(d/8) + refine": 0.9995})
+    assert plan.measured_recall() == {"IVF,PQ(d/8)": 0.31, "IVF,PQ(d/8) + refine": 0.9995}
+    plan.record_measured_recall("real", "100k code", {"IVF,PQ(d/8)": 0.52, "IVF,PQ(d/8) + refine": 0.97})
+    plan.record_measured_recall("real", "a rerun", {"IVF,PQ(d/8)": 0.55, "IVF,PQ(d/8) + refine": 0.96})  # replaces it
+    assert plan.measured_recall() == {"IVF,PQ(d/8)": 0.31, "IVF,PQ(d/8) + refine": 0.96}
+    with pytest.raises(ValueError, match="kind of data must be one of"):
+        plan.record_measured_recall("quick", "a small test", {})

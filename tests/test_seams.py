@@ -30,7 +30,9 @@ def protocol_members(protocol) -> dict[str, inspect.Signature | None]:
     hints = getattr(protocol, "__annotations__", {})
     members = {name: None for name in hints}
     for name, value in vars(protocol).items():
-        if callable(value) and not name.startswith("_"):
+        if isinstance(value, property):
+            members[name] = None  # an attribute, as the protocol reads it
+        elif callable(value) and not name.startswith("_"):
             members[name] = inspect.signature(value)
     return members
 

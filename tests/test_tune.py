@@ -174,3 +174,41 @@ def test_a_choice_on_the_edge_widens_the_grid(tuned, tmp_path, monkeypatch):
     stopped = run_tune(replace(config, grid=(1e-4, 3e-4), out=tmp_path / "b", widen=1), echo=lambda *a: None)
     assert stopped["widened"] == [9e-4] and stopped["chosen"] == 9e-4 and "on the edge of the grid" in stopped["reason"]
     assert run_tune(replace(config, grid=(1e-4, 3e-4), out=tmp_path / "c"), echo=lambda *a: None)["widened"] == []
+
+
+def test_validation_documents_can_come_from_a_held_out_split(tuned, default_corpus, tmp_path):
+    """A corpus split by `ttt-index corpus` has a validation file outside the index: the tune
+    draws its documents from it by the ttt_corpus task's seeded rule."""
+    from dataclasses import replace
+
+    from lm_eval_ttt.task_data import load_corpus
+
+    config, _ = tuned
+    split = tmp_path / "validation.jsonl"
+    lines = (default_corpus / "python_docs.test.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    split.write_text("".join(lines), encoding="utf-8")
+    result = run_tune(replace(config, grid=(3e-3,), out=tmp_path / "tune", validation_file=split, docs=2,
+                              min_chars=300, max_chars=4000), echo=lambda *a: None)
+    texts = [json.loads(line)["text"] for line in lines]
+    chosen = [texts[n - 1] for n in result["validation"]["ids"]]
+    assert result["validation"]["file"] == str(split) and len(chosen) == 2
+    assert all(300 <= len(t) <= 4000 for t in chosen)
+    loaded = load_corpus(corpus_file=str(split), sample=2, seed=config.seed, min_chars=300, max_chars=4000)
+    assert list(loaded["test"]["text"]) == chosen  # the same rule picks the same documents
+    assert len(load_corpus(corpus_file=str(split))["test"]) == len(lines)
+
+
+def test_widening_stops_at_the_bounds_of_the_parameter(tuned, tmp_path, monkeypatch):
+    """Past lambda=0.6 the next value (1.2) is no mixing weight: the tune says so and stops."""
+    from dataclasses import replace
+
+    from lm_eval_ttt import tune
+
+    monkeypatch.setattr(tune, "evaluate_value", lambda config, value, documents: {
+        "value": value, "bits_per_byte": 1 - value, "steps": 0, "seconds": 1.0})
+    config, _ = tuned
+    said = []
+    result = run_tune(replace(config, method="ttt-nn-interp", param="lambda", grid=(0.3, 0.6), out=tmp_path,
+                              widen=3), echo=said.append)
+    assert result["widened"] == [] and result["chosen"] == 0.6 and "on the edge" in result["reason"]
+    assert any("lambda: must be < 1" in line for line in said)
