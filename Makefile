@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 
 ## bench: every benchmark, each writing its rows to work/bench/<name>.json (about 2.5 hours on 2 cores)
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
 	mkdir -p work/bench
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --json work/bench/$$(basename $$b .py).json || exit 1; done
 

@@ -1,6 +1,7 @@
 """CPU paths of the retrieval encoder: documents per second and neighbour agreement.
 
 Usage: python benchmarks/bench_encoder.py [--docs 0] [--threads 2] [--json PATH]
+(needs the bench extra: pip install -e '.[bench]', which `make bench` installs)
 
 The bundled MiniLM (256 tokens, attention-masked mean pooling) embeds the bundled corpus's
 index split and its held-out code documents through each path, in one run:
