@@ -62,13 +62,15 @@ def test_adapters_start_as_the_base_model_and_never_write_it(tiny_lm, corpus_tex
     assert all(torch.equal(p, initial[n]) for n, p in fresh.model.named_parameters() if p.requires_grad)
 
 
-def test_doc_batch_equals_doc_batch_one(tiny_lm, corpus_texts, test_docs, default_corpus, tmp_path):
+def test_doc_batch_equals_doc_batch_one(tiny_lm, small_index, test_docs, default_corpus, tmp_path):
+    """The real LoRA run: MiniLM retrieval from a Faiss index, adapters through peft."""
     import json
 
     texts = [json.loads(line)["text"] for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8")]
     docs = [t for t in texts if 300 < len(t) < 4000][:5]  # 5 documents: a batch of 4 and one of 1
-    one = lora(tmp_path / "one", tiny_lm, corpus_texts, eval_at_k="0:2")
-    four = lora(tmp_path / "four", tiny_lm, corpus_texts, eval_at_k="0:2", doc_batch=4)
+    args = dict(k=3, adapter="lora", lora_r=4, lr=1e-2, eval_at_k="0:2", max_neighbor_tokens=96)
+    one = make_lm(TTTNNLM, tmp_path / "one", tiny_lm, small_index, **args)
+    four = make_lm(TTTNNLM, tmp_path / "four", tiny_lm, small_index, **args, doc_batch=4)
     assert isinstance(four.trainer, BatchedLoRATrainer)
     assert one.log_stem.name == four.log_stem.name  # doc_batch does not change a score (beyond rounding)
     a = one.loglikelihood_rolling(requests(docs), disable_tqdm=True)
