@@ -6,7 +6,9 @@ Usage: python benchmarks/bench_encoder.py [--docs 0] [--threads 2] [--json PATH]
 The bundled MiniLM (256 tokens, attention-masked mean pooling) embeds the bundled corpus's
 index split and its held-out code documents through each path, in one run:
 
-* torch fp32: today's path (``index_server.encoder.TextEncoder``);
+* torch fp32: the default path (``index_server.encoder.TextEncoder``);
+* torch bf16: the same module in bfloat16 (``ttt-index embed --dtype bfloat16``), fast where the
+  CPU has bf16 dot products (avx512_bf16, AMX);
 * ONNX Runtime fp32: the same graph exported with ``torch.onnx.export``, graph optimisations on;
 * ONNX Runtime int8: that graph with dynamically quantised int8 weights (``quantize_dynamic``,
   per channel), all of them or all but each block's FFN down-projection;
@@ -146,6 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export(base, Path(tmp))
         paths = {"torch fp32": base._encode_batch,
+                 "torch bf16": TextEncoder(base.config, dtype="bfloat16")._encode_batch,
                  "ONNX Runtime fp32": OnnxEncoder(base, onnx_path, args.threads).encode_batch,
                  "ONNX Runtime int8": OnnxEncoder(base, quantized(onnx_path), args.threads).encode_batch,
                  "ONNX Runtime int8, FFN down fp32": OnnxEncoder(base, quantized(onnx_path, keep_ffn_down=True),

@@ -66,20 +66,20 @@ def real_data(args) -> tuple[Path, np.ndarray, str]:
     import hashlib
 
     from index_server.build import load_parts
-    from index_server.encoder import EncoderConfig, TextEncoder
+    from index_server.encoder import encoder_of, manifest_entry
 
     layout, metas = load_parts(args.embeddings)
     n = sum(m.n_docs for m in metas)
     args.vectors, args.dim = n, layout.dim
     args.nlist = args.nlist or default_nlist(n)
     args.train_size = min(args.train_size, n)
+    entry = manifest_entry(layout.encoder, layout.encoder_dtype)
     key = hashlib.sha256(f"{args.queries_corpus.resolve()}:{args.queries_corpus.stat().st_size}:"
-                         f"{json.dumps(layout.encoder, sort_keys=True)}".encode()).hexdigest()[:12]
+                         f"{json.dumps(entry, sort_keys=True)}".encode()).hexdigest()[:12]
     cached = WORK / f"scale-queries-{key}.npy"
     if not cached.is_file():
         texts = [json.loads(line)["text"] for line in open(args.queries_corpus, encoding="utf-8")]
-        encoder = TextEncoder(EncoderConfig(layout.encoder["name_or_path"], layout.encoder["max_tokens"]))
-        np.save(cached, encoder.encode(texts, progress=True))
+        np.save(cached, encoder_of(entry).encode(texts, progress=True))
     queries = np.load(cached)
     return args.embeddings, queries, f"{n:,} x {layout.dim} real embeddings ({args.embeddings.name})"
 

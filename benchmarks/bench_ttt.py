@@ -160,8 +160,11 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to compare, of {', '.join(CONFIGS)}")
     p.add_argument("--compare", type=Path, default=Path("work/compare"),
                    help="docs/compare.sh output whose tunes give each configuration its rate (default: %(default)s)")
+    p.add_argument("--chosen", nargs="*", default=[], metavar="TUNE=VALUE",
+                   help="values docs/compare.sh was given by CHOSEN= for tunes it did not run (e.g. ttt-nn=1e-4)")
     args = p.parse_args()
-    configs = {name: resolve(name, args.compare) for name in args.configs.split(",") if name}
+    given = dict(kv.split("=", 1) for kv in args.chosen)
+    configs = {name: resolve(name, args.compare, given) for name in args.configs.split(",") if name}
     from lm_eval_ttt.assets import bundled_lm_path
 
     texts = [json.loads(line)["text"] for line in open(bundled_corpus() / "stdlib_code.test.jsonl", encoding="utf-8")]
@@ -228,8 +231,9 @@ def main() -> None:
     write_json(args.json, out)
 
 
-def resolve(name: str, compare: Path) -> dict:
-    """A configuration's model arguments, with the values docs/compare.sh chose for it."""
+def resolve(name: str, compare: Path, given: dict[str, str]) -> dict:
+    """A configuration's model arguments, with the values docs/compare.sh chose for it (its
+    tune.json, else the value it was given)."""
     if name not in CONFIGS:
         raise SystemExit(f"unknown configuration {name!r}; one of {', '.join(CONFIGS)}")
     args, tunes = CONFIGS[name]
@@ -238,6 +242,8 @@ def resolve(name: str, compare: Path) -> dict:
         path = compare / "tune" / tune / "tune.json"
         if path.is_file():
             chosen[argument] = json.loads(path.read_text())["chosen"]
+        elif tune in given:
+            chosen[argument] = float(given[tune])
     return {**args, **chosen}
 
 

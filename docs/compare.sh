@@ -6,6 +6,8 @@
 # against k, gradient steps and seconds per document, with the Pareto front).
 # Run from the repository root after `make demo` (or `make`): bash docs/compare.sh
 # Logs and tunes are resumed: a rerun after an interruption continues where it stopped.
+# CHOSEN="name=value ..." gives the value an earlier run of the same tune chose (its grid and
+# figures in docs/compare/validation.md) instead of tuning again; such a run carries no tuned=.
 set -euo pipefail
 BIN=.venv/bin
 OUT=${OUT:-work/compare}
@@ -17,8 +19,14 @@ ARGS="max_length=256,log_dir=$OUT/logs"
 CACHE="neighbour_cache=$OUT/cache"
 NB="max_neighbor_tokens=256"
 TUNE="--docs 8 --min-chars 500 --max-chars 10000 --max-length 256 --widen 3"
-chosen() { $BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/$1/tune.json"; }
+given() { for kv in ${CHOSEN:-}; do [ "${kv%%=*}" != "$1" ] || echo "${kv#*=}"; done; }
+chosen() {
+  [ -n "$(given "$1")" ] && { given "$1"; return 0; }
+  $BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/$1/tune.json"
+}
+tuned() { [ -n "$(given "$1")" ] || echo ",tuned=$OUT/tune/$1/tune.json"; }
 tune() {  # name method param grid [more tune arguments]
+  [ -n "$(given "$1")" ] && { echo "$1: $(given "$1") given by CHOSEN" | tee "$OUT/tune-$1.txt"; return 0; }
   $BIN/ttt-nn tune --method "$2" --param "$3" --grid "$4" $TUNE "${@:5}" --out "$OUT/tune/$1" | tee "$OUT/tune-$1.txt"
 }
 mkdir -p "$OUT"
@@ -39,15 +47,15 @@ run() {  # name model args
 }
 $BIN/lm_eval --model hf --model_args "pretrained=$LM,max_length=256" $COMMON --output_path "$OUT/runs/hf"
 run k0 ttt-nn "k=0"  # equals hf, with its scoring cost logged per document
-run ttt-nn ttt-nn "$CACHE,k=10,$NB,eval_at_k=0:1:2:5:10,lr=$LR,tuned=$OUT/tune/ttt-nn/tune.json"
-run ttt-nn-farthest ttt-nn "$CACHE,k=10,$NB,order=farthest,lr=$LR,tuned=$OUT/tune/ttt-nn/tune.json"
-run context ttt-nn-context "$CACHE,k=10,context_tokens=$(chosen context),tuned=$OUT/tune/context/tune.json"
-run interp ttt-nn-interp "$CACHE,k=10,lambda=$(chosen interp),tuned=$OUT/tune/interp/tune.json"
-run dyneval ttt-nn-dyneval "iterations=1,lr=$(chosen dyneval),tuned=$OUT/tune/dyneval/tune.json"
-run combined ttt-nn "$CACHE,k=10,$NB,lr=$LR,dyneval_iterations=1,dyneval_lr=$(chosen combined),tuned=$OUT/tune/combined/tune.json"
-run top ttt-nn "$CACHE,k=10,$NB,train_layers=$TOP,lr=$(chosen top),tuned=$OUT/tune/top/tune.json"
-run lora ttt-nn "$CACHE,k=10,$NB,adapter=lora,lr=$(chosen lora),tuned=$OUT/tune/lora/tune.json"
-run k5 ttt-nn "$CACHE,k=5,$NB,lr=$(chosen k5),tuned=$OUT/tune/k5/tune.json"
-run top-combined ttt-nn "$CACHE,k=5,$NB,train_layers=$TOP,lr=$(chosen top),dyneval_iterations=1,dyneval_lr=$(chosen top-combined),tuned=$OUT/tune/top-combined/tune.json"
+run ttt-nn ttt-nn "$CACHE,k=10,$NB,eval_at_k=0:1:2:5:10,lr=$LR$(tuned ttt-nn)"
+run ttt-nn-farthest ttt-nn "$CACHE,k=10,$NB,order=farthest,lr=$LR$(tuned ttt-nn)"
+run context ttt-nn-context "$CACHE,k=10,context_tokens=$(chosen context)$(tuned context)"
+run interp ttt-nn-interp "$CACHE,k=10,lambda=$(chosen interp)$(tuned interp)"
+run dyneval ttt-nn-dyneval "iterations=1,lr=$(chosen dyneval)$(tuned dyneval)"
+run combined ttt-nn "$CACHE,k=10,$NB,lr=$LR,dyneval_iterations=1,dyneval_lr=$(chosen combined)$(tuned combined)"
+run top ttt-nn "$CACHE,k=10,$NB,train_layers=$TOP,lr=$(chosen top)$(tuned top)"
+run lora ttt-nn "$CACHE,k=10,$NB,adapter=lora,lr=$(chosen lora)$(tuned lora)"
+run k5 ttt-nn "$CACHE,k=5,$NB,lr=$(chosen k5)$(tuned k5)"
+run top-combined ttt-nn "$CACHE,k=5,$NB,train_layers=$TOP,lr=$(chosen top),dyneval_iterations=1,dyneval_lr=$(chosen top-combined)$(tuned top-combined)"
 $BIN/ttt-nn report "$OUT/runs" --out "${REPORT:-docs/compare}"
 for m in ttt-nn context interp dyneval combined top lora k5 top-combined; do echo "== $m"; cat "$OUT/tune-$m.txt"; done

@@ -4,6 +4,8 @@
 # resumable parts and build a Flat index from them. Every step skips what is already done, so
 # a killed run resumes. Times on the 2-core CPU are in the README ("Real code at scale").
 #   bash docs/scale-corpus.sh            # everything under work/scale
+#   bash docs/scale-corpus.sh corpus     # stop once the corpus is split (no embedding)
+# EMBED_ARGS adds options to `ttt-index embed` (e.g. "--max-tokens 128"; the manifest records them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -31,6 +33,7 @@ done < docs/scale/sources.txt
 
 [ -f "$W/corpus/summary.json" ] || $BIN/ttt-index corpus "${inputs[@]}" --out "$W/corpus" --name scale \
     --validation-fraction 0.01 --test-fraction 0.01
-$BIN/ttt-index embed "$W/corpus/scale.index.jsonl" --out "$W/embeddings" --num-parts 64
+[ "${1:-}" = corpus ] && exit 0
+$BIN/ttt-index embed "$W/corpus/scale.index.jsonl" --out "$W/embeddings" --num-parts 64 ${EMBED_ARGS:-}
 [ -f "$W/index-flat/manifest.json" ] || $BIN/ttt-index build --embeddings "$W/embeddings" --out "$W/index-flat"
 echo "scale corpus ready: $W/corpus (splits), $W/embeddings, $W/index-flat"

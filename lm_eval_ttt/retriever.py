@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from index_server.encoder import EncoderConfig, TextEncoder
+from index_server.encoder import encoder_of
 from index_server.index import KnnIndex, open_index
 
 from .documents import text_key
@@ -132,8 +132,7 @@ class Retriever:
         if settings.max_distance is not None and self.manifest.metric != "l2":
             raise ValueError("max_distance needs an l2 index (this one ranks by inner product)")
         if encoder is None:
-            named = self.manifest.encoder
-            encoder = TextEncoder(EncoderConfig(named["name_or_path"], named["max_tokens"]), device=device)
+            encoder = encoder_of(self.manifest.encoder, device=device)
         self.encoder = encoder
         # The search settings in effect that change an approximate index's answers (Flat: none).
         knobs = index.knobs

@@ -10,7 +10,7 @@ import pytest
 from conftest import build_small, cli
 
 from index_server.build import BuildConfig, build_index
-from index_server.encoder import EncoderConfig, TextEncoder
+from index_server.encoder import encoder_of
 from index_server.manifest import Manifest, ManifestMismatchError
 from index_server.options import IndexOptions
 from index_server.search import LocalIndex, QueryError
@@ -43,7 +43,7 @@ def test_default_corpus_split_is_by_file_and_deterministic(default_corpus, tmp_p
 def test_held_out_modules_retrieve_their_area(default_index, default_corpus):
     index = LocalIndex(default_index)
     manifest = index.manifest
-    encoder = TextEncoder(EncoderConfig(manifest.encoder["name_or_path"], manifest.encoder["max_tokens"]))
+    encoder = encoder_of(manifest.encoder)
     tests = {}
     for line in open(default_corpus / "stdlib_code.test.jsonl", encoding="utf-8"):
         record = json.loads(line)
@@ -332,3 +332,40 @@ def test_build_names_what_is_missing_or_doubled(small_corpus, tmp_path, capsys):
     proc = cli(capsys, "ttt-index", "build", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "c"),
                check=False)
     assert proc.returncode == 2 and "not a valid embeddings layout" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bfloat16_index_records_its_arithmetic_and_its_queries_use_it(small_corpus, corpus_texts, tmp_path):
+    """The fast CPU path: an index embedded in bfloat16 says so in its manifest (so it has its
+    own identity), the retriever embeds queries in bfloat16 too, and its neighbours agree
+    with float32's (bench_encoder measures the agreement at 256 tokens on the whole corpus)."""
+    import torch
+
+    from index_server.embed import EmbedConfig, run_embed
+    from index_server.encoder import EncoderConfig
+    from lm_eval_ttt.retriever import Retriever
+    from lm_eval_ttt.settings import NeighbourSettings
+
+    corpus = tmp_path / "corpus.jsonl"  # the first 120 documents: two embeddings of it stay quick
+    corpus.write_text("".join(small_corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:120]))
+    indexes = {}
+    for dtype in ("float32", "bfloat16"):
+        run_embed(EmbedConfig(corpus=(corpus,), output=tmp_path / dtype / "emb", dtype=dtype, progress=False,
+                              encoder=EncoderConfig(max_tokens=32, batch_size=64)))
+        build_index(BuildConfig(output=tmp_path / dtype / "index", embeddings=tmp_path / dtype / "emb",
+                                progress=False))
+        indexes[dtype] = LocalIndex(tmp_path / dtype / "index")
+    f32, bf16 = indexes["float32"], indexes["bfloat16"]
+    assert "dtype" not in f32.manifest.encoder and bf16.manifest.encoder["dtype"] == "bfloat16"
+    assert f32.manifest.identity != bf16.manifest.identity
+    retriever = Retriever(bf16, NeighbourSettings(k=10))
+    assert next(retriever.encoder.model.parameters()).dtype == torch.bfloat16
+    queries = corpus_texts[:120:6]
+    found = {d: encoder_of(i.manifest.encoder).encode(queries) for d, i in indexes.items()}
+    ids = {d: indexes[d].search(found[d], 10).ids for d in found}
+    agreement = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids["float32"], ids["bfloat16"])])
+    assert agreement >= 0.8, agreement
+    retriever.close()
+    for index in indexes.values():
+        index.close()
+    with pytest.raises(ValueError, match="encoder dtype must be one of"):
+        run_embed(EmbedConfig(corpus=(corpus,), output=tmp_path / "bad", dtype="int8", progress=False))
