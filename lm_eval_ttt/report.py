@@ -305,23 +305,28 @@ def plot_cost(runs: list[Run], out: Path) -> Path:
 
 
 def plot_seconds(runs: list[Run], out: Path) -> Path:
-    """Bits per byte against seconds per document, every run a point, the Pareto front drawn."""
+    """Bits per byte against seconds per document, every run a numbered point (the number
+    leads its legend entry: a dozen runs outnumber any colour cycle), the Pareto front drawn."""
     plt = _pyplot()
     tasks = sorted({r.task for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(9 * len(tasks), 4.5), squeeze=False)
+    most = max(len(_costed(runs, t)) for t in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(10 * len(tasks), 4.5 + 0.22 * most), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for ax, task in zip(axes[0], tasks):
-        costed = _costed(runs, task)
+        costed = sorted(_costed(runs, task), key=lambda c: c[1])
         points = [(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]
-        for (run, _, logged), (x, y) in zip(costed, points):
-            ax.plot([x], [y], marker="o" if logged else "s", linestyle="",
-                    label=run.label + ("" if logged else " (wall)"))
+        for n, ((run, _, logged), (x, y)) in enumerate(zip(costed, points), 1):
+            ax.plot([x], [y], marker="o" if logged else "s", linestyle="", color=colours[(n - 1) % len(colours)],
+                    label=f"{n}: {run.label}" + ("" if logged else " (wall)"))
+            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(points)
         if front:
             ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black",
                     linewidth=1, alpha=0.6, label="Pareto front")
-        ax.set_xscale("log")
-        ax.set(title=task, xlabel="seconds per document (log scale)", ylabel="bits per byte")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.set_xlim(left=0)
+        ax.set(title=task, xlabel="seconds per document", ylabel="bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     return _save(fig, out)
 
 
