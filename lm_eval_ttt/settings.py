@@ -32,10 +32,12 @@ _DEFAULT_INDEX_OPTIONS = IndexOptions()
 # GPT-Neo 1.3B on.
 PAPER_LR_SMALL, PAPER_LR_LARGE, LARGE_MODEL_PARAMS = 2e-5, 5e-6, 1_000_000_000
 # Chosen by `ttt-nn tune` on validation documents of the bundled index (SmolLM2-135M,
-# 256-token neighbours, rank 8) at DEFAULT_LORA_LR_K neighbours (README
-# "Choosing hyperparameters"; docs/bench/tune-lora-lr.json).
-DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 3e-3, 5
-# Dynamic evaluation's rate, chosen by `ttt-nn tune` for ttt-nn-dyneval (README "Comparing methods").
+# 256-token neighbours, rank 8) at DEFAULT_LORA_LR_K neighbours, the default k, where its
+# validation curve falls all the way (README "Parameter-efficient TTT";
+# docs/bench/tune-lora-lr.json, made by docs/tune-defaults.sh).
+DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 1e-3, 20
+# Dynamic evaluation's rate, chosen by `ttt-nn tune` for ttt-nn-dyneval; docs/compare.sh's
+# combined tune (k=10) chose the same for ttt-nn's dyneval_lr (README "Comparing methods").
 DEFAULT_DYNEVAL_LR = 2e-4
 # Training and scoring arithmetic: precision name -> torch dtype name (None: fp32 throughout).
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -164,7 +166,8 @@ class TTTSettings:
                                      "steps on each window once it is scored (dynamic evaluation); rolling "
                                      "(perplexity) tasks only", minimum=0)
     dyneval_lr: float = arg(DEFAULT_DYNEVAL_LR, "learning rate of the steps on the document's own windows "
-                                                "(default: ttt-nn-dyneval's tuned rate)", above=0)
+                                                "(default: ttt-nn-dyneval's tuned rate, which docs/compare.sh's "
+                                                "tune of this argument chose too, at k=10)", above=0)
 
 
 @dataclass(frozen=True)
