@@ -163,6 +163,8 @@ def main() -> None:
     p.add_argument("--chosen", nargs="*", default=[], metavar="TUNE=VALUE",
                    help="values docs/compare.sh was given by CHOSEN= for tunes it did not run (e.g. ttt-nn=1e-4)")
     args = p.parse_args()
+    if any("=" not in kv for kv in args.chosen):
+        p.error(f"--chosen takes TUNE=VALUE pairs, got {args.chosen}")
     given = dict(kv.split("=", 1) for kv in args.chosen)
     configs = {name: resolve(name, args.compare, given) for name in args.configs.split(",") if name}
     from lm_eval_ttt.assets import bundled_lm_path

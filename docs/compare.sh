@@ -19,7 +19,7 @@ ARGS="max_length=256,log_dir=$OUT/logs"
 CACHE="neighbour_cache=$OUT/cache"
 NB="max_neighbor_tokens=256"
 TUNE="--docs 8 --min-chars 500 --max-chars 10000 --max-length 256 --widen 3"
-given() { for kv in ${CHOSEN:-}; do [ "${kv%%=*}" != "$1" ] || echo "${kv#*=}"; done; }
+given() { for kv in ${CHOSEN:-}; do [ "${kv%%=*}" != "$1" ] || { echo "${kv#*=}"; break; }; done; }
 chosen() {
   [ -n "$(given "$1")" ] && { given "$1"; return 0; }
   $BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/$1/tune.json"
