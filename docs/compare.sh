@@ -21,12 +21,14 @@ NB="max_neighbor_tokens=256"
 TUNE="--docs 8 --min-chars 500 --max-chars 10000 --max-length 256 --widen 3"
 given() { for kv in ${CHOSEN:-}; do [ "${kv%%=*}" != "$1" ] || { echo "${kv#*=}"; break; }; done; }
 chosen() {
-  [ -n "$(given "$1")" ] && { given "$1"; return 0; }
+  local v; v=$(given "$1")
+  [ -n "$v" ] && { echo "$v"; return 0; }
   $BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/$1/tune.json"
 }
 tuned() { [ -n "$(given "$1")" ] || echo ",tuned=$OUT/tune/$1/tune.json"; }
 tune() {  # name method param grid [more tune arguments]
-  [ -n "$(given "$1")" ] && { echo "$1: $(given "$1") given by CHOSEN" | tee "$OUT/tune-$1.txt"; return 0; }
+  local v; v=$(given "$1")
+  [ -n "$v" ] && { echo "$1: $v given by CHOSEN" | tee "$OUT/tune-$1.txt"; return 0; }
   $BIN/ttt-nn tune --method "$2" --param "$3" --grid "$4" $TUNE "${@:5}" --out "$OUT/tune/$1" | tee "$OUT/tune-$1.txt"
 }
 mkdir -p "$OUT"

@@ -5,7 +5,7 @@
 # a killed run resumes. Times on the 2-core CPU are in the README ("Real code at scale").
 #   bash docs/scale-corpus.sh            # everything under work/scale
 #   bash docs/scale-corpus.sh corpus     # stop once the corpus is split (no embedding)
-# EMBED_ARGS adds options to `ttt-index embed` (e.g. "--max-tokens 128"; the manifest records them).
+# EMBED_ARGS adds options to `ttt-index embed` (e.g. "--dtype bfloat16"; the manifest records them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin

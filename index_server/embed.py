@@ -36,7 +36,7 @@ import numpy as np
 from .atomic import atomic_write, remove_stale_temporaries
 from .corpus import DOC_TABLE_DTYPE, CorpusFormatError, CorpusStore, check_line, corpus_root_of, refuse_compressed
 from .digest import file_fingerprint
-from .encoder import ENCODER_DTYPES, EncoderConfig
+from .encoder import EncoderConfig, check_encoder_dtype
 
 EMBEDDINGS_NAME = "embeddings.json"
 DEFAULT_PART_BYTES = 256 << 20
@@ -103,8 +103,7 @@ def plan_layout(paths: Sequence[Path], encoder: EncoderConfig, dim: int, dtype: 
                 num_parts: int | None = None, encoder_dtype: str = "float32") -> EmbeddingsLayout:
     if dtype not in STORE_DTYPES:
         raise ValueError(f"storage dtype must be one of {STORE_DTYPES}, got {dtype!r}")
-    if encoder_dtype not in ENCODER_DTYPES:
-        raise ValueError(f"encoder dtype must be one of {ENCODER_DTYPES}, got {encoder_dtype!r}")
+    check_encoder_dtype(encoder_dtype)  # before any part is scanned or embedded
     if not paths:
         raise ValueError("no corpus files given")
     paths = [Path(p).resolve() for p in paths]
@@ -298,7 +297,7 @@ class EmbedConfig:
     parts: tuple[int, ...] = ()  # --part: only these; default: this RANK's share, else all
     store_dtype: str = "float32"
     device: str = "cpu"
-    dtype: str = "float32"  # encoder arithmetic (ENCODER_DTYPES), recorded for the queries
+    dtype: str = "float32"  # encoder arithmetic (encoder.ENCODER_DTYPES), recorded for the queries
     progress: bool = True
     precheck: Callable[[int, int], object] | None = None  # (dim, documents) -> raises before embedding
     vectors: np.ndarray | None = None  # precomputed vectors in document order (benchmarks): no encoder

@@ -30,6 +30,11 @@ CHARS_PER_TOKEN_BOUND = 64
 ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_encoder_dtype(dtype: str) -> None:
+    if dtype not in ENCODER_DTYPES:
+        raise ValueError(f"encoder dtype must be one of {ENCODER_DTYPES}, got {dtype!r}")
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """Map a hub id to a locally packaged copy when one is installed; else return it as is."""
     packaged = _PACKAGED_ENCODERS.get(name_or_path)
@@ -84,8 +89,7 @@ class TextEncoder:
     def __init__(self, config: EncoderConfig = EncoderConfig(), device: str = "cpu", dtype: str = "float32"):
         import torch
 
-        if dtype not in ENCODER_DTYPES:
-            raise ValueError(f"encoder dtype must be one of {ENCODER_DTYPES}, got {dtype!r}")
+        check_encoder_dtype(dtype)
         from transformers import AutoModel, AutoTokenizer
 
         self.config = config
