@@ -149,20 +149,34 @@ def check_replaceable(output: Path, is_ours: Callable[[Path], bool] | None, inpu
             raise FileExistsError(f"{output} holds the input {item}; refusing to replace it")
 
 
+class _StopRequest:
+    """The SIGTERM a block received, kept beside the SystemExit it raised: Python drops an
+    exception raised inside a finaliser (``__del__`` runs at any bytecode), so the swap checks
+    this too before it replaces anything."""
+
+    signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises() -> Iterator[_StopRequest]:
     """SIGTERM becomes SystemExit while the block runs (main thread only), so the scratch
     directory is removed by the normal cleanup path."""
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
     def on_term(signum, frame):
+        stop.signum = signum
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -204,11 +218,12 @@ def atomic_output(output: Path, overwrite: bool = False, is_ours: Callable[[Path
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}{_SCRATCH_TAG}", dir=output.parent))
     (scratch / _OWNER_FILE).write_text(owner_tag())
     try:
-        with _sigterm_raises():
+        with _sigterm_raises() as stop:
             yield scratch
             scratch.chmod(0o755)  # mkdtemp creates it private
             fsync_tree(scratch)  # durable before it replaces anything
             with _signals_held():
+                stop.check()
                 old = None
                 if output.exists():
                     old = output.with_name(f".{output.name}{_SCRATCH_TAG}{_OLD}{owner_tag()}")

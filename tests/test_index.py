@@ -369,3 +369,22 @@ def test_a_bfloat16_index_records_its_arithmetic_and_its_queries_use_it(small_co
         index.close()
     with pytest.raises(ValueError, match="encoder dtype must be one of"):
         run_embed(EmbedConfig(corpus=(corpus,), output=tmp_path / "bad", dtype="int8", progress=False))
+
+
+def test_a_sigterm_swallowed_by_a_finaliser_still_stops_the_swap(tmp_path):
+    """Python drops an exception raised inside ``__del__``; a SIGTERM that lands there (the
+    garbage collector runs finalisers at any bytecode) must still keep the target untouched."""
+    import signal
+
+    from index_server.atomic import atomic_output
+
+    class SignalledInFinaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__
+
+    out = tmp_path / "idx"
+    with pytest.raises(SystemExit):
+        with atomic_output(out) as scratch:
+            (scratch / "a").write_text("x")
+            SignalledInFinaliser()  # finalised at once: its SystemExit is printed and dropped
+    assert not out.exists() and not list(tmp_path.glob(".idx.tmp-*"))
