@@ -7,7 +7,7 @@
 # Run from the repository root after `make demo` (or `make`): bash docs/compare.sh
 # Logs and tunes are resumed: a rerun after an interruption continues where it stopped.
 # CHOSEN="name=value ..." gives the value an earlier run of the same tune chose (its grid and
-# figures in docs/compare/validation.md) instead of tuning again; such a run carries no tuned=.
+# figures in docs/compare/validation.md) instead of tuning again (docs/tuning.sh).
 set -euo pipefail
 BIN=.venv/bin
 OUT=${OUT:-work/compare}
@@ -19,18 +19,7 @@ ARGS="max_length=256,log_dir=$OUT/logs"
 CACHE="neighbour_cache=$OUT/cache"
 NB="max_neighbor_tokens=256"
 TUNE="--docs 8 --min-chars 500 --max-chars 10000 --max-length 256 --widen 3"
-given() { for kv in ${CHOSEN:-}; do [ "${kv%%=*}" != "$1" ] || { echo "${kv#*=}"; break; }; done; }
-chosen() {
-  local v; v=$(given "$1")
-  [ -n "$v" ] && { echo "$v"; return 0; }
-  $BIN/python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" "$OUT/tune/$1/tune.json"
-}
-tuned() { [ -n "$(given "$1")" ] || echo ",tuned=$OUT/tune/$1/tune.json"; }
-tune() {  # name method param grid [more tune arguments]
-  local v; v=$(given "$1")
-  [ -n "$v" ] && { echo "$1: $v given by CHOSEN" | tee "$OUT/tune-$1.txt"; return 0; }
-  $BIN/ttt-nn tune --method "$2" --param "$3" --grid "$4" $TUNE "${@:5}" --out "$OUT/tune/$1" | tee "$OUT/tune-$1.txt"
-}
+source "$(dirname "$0")/tuning.sh"
 mkdir -p "$OUT"
 tune ttt-nn ttt-nn lr 2e-5:5e-5:1e-4:2e-4 --k 10 --model-args $NB
 tune context ttt-nn-context context_tokens 32:64:128:192 --k 10
