@@ -40,7 +40,9 @@ want context && tune context ttt-nn-context context_tokens 32:64:128 --k 10
 want interp && tune interp ttt-nn-interp lambda 0.005:0.01:0.05 --k 10
 want dyneval && tune dyneval ttt-nn-dyneval lr 5e-5:2e-4:5e-4
 want combined && tune combined ttt-nn dyneval_lr 1e-4:2e-4:5e-4 --k 10 --model-args "$NB,lr=$LR,dyneval_iterations=1"
-want top && tune top ttt-nn lr 2e-4:5e-4:1e-3 --k 10 --model-args "$NB,train_layers=$TOP"
+wants top top-combined && tune top ttt-nn lr 2e-4:5e-4:1e-3 --k 10 --model-args "$NB,train_layers=$TOP"
+want top-combined && tune top-combined ttt-nn dyneval_lr 2e-4:5e-4:1e-3 --k 5 \
+  --model-args "$NB,train_layers=$TOP,lr=$(chosen top),dyneval_iterations=1"
 
 want near-duplicates && $BIN/python docs/near_duplicates.py "$C/scale.test.jsonl" --index "$INDEX" \
   | tee "$OUT/near-duplicates.txt"
@@ -56,8 +58,10 @@ want interp && run interp ttt-nn-interp "$ARGS,k=10,lambda=$(chosen interp)$(tun
 want dyneval && run dyneval ttt-nn-dyneval "max_length=256,log_dir=$OUT/logs,iterations=1,lr=$(chosen dyneval)$(tuned dyneval)"
 want combined && run combined ttt-nn "$ARGS,k=10,$NB,lr=$LR,dyneval_iterations=1,dyneval_lr=$(chosen combined)$(tuned combined)"
 want top && run top ttt-nn "$ARGS,k=10,$NB,train_layers=$TOP,lr=$(chosen top)$(tuned top)"
+want top-combined && run top-combined ttt-nn \
+  "$ARGS,k=5,$NB,train_layers=$TOP,lr=$(chosen top),dyneval_iterations=1,dyneval_lr=$(chosen top-combined)$(tuned top-combined)"
 $BIN/ttt-nn report "$OUT/runs" --out "${REPORT:-docs/scale}"
 [ ! -f "$OUT/near-duplicates.txt" ] || cp "$OUT/near-duplicates.txt" "${REPORT:-docs/scale}/near-duplicates.txt"
-for m in ttt-nn sift lora context interp dyneval combined top; do
+for m in ttt-nn sift lora context interp dyneval combined top top-combined; do
   [ ! -f "$OUT/tune-$m.txt" ] || { echo "== $m"; cat "$OUT/tune-$m.txt"; }
 done
