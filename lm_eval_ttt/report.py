@@ -78,6 +78,8 @@ def _label(config: dict) -> tuple[str, str]:
         parts.append(f"LoRA r={s['lora_r']}")
     if s.get("query") == "prefix":
         parts.append("prefix-query")
+    if s.get("exclude_duplicates"):
+        parts.append("no-near-duplicates")
     tuned = info.get("tuned")
     if s.get("train_layers"):
         parts.append(f"top-{s['train_layers']}-blocks")

@@ -110,8 +110,12 @@ class NeighbourSettings:
     corpus_root: str | None = arg(None, "in-process index: directory its corpus files live under on this machine",
                                   scoring=False)
 
+    INDEX_ARGS = ("index", "retrieval_timeout", "failure_policy", "index_token_file", "index_tls_ca", "index_nprobe",
+                  "index_ef_search", "index_refine_factor", "corpus_root")  # what opens the index (below)
+
     def index_options(self) -> IndexOptions:
-        """How to open ``index``: every option given here reaches the client."""
+        """How to open ``index`` (the ``INDEX_ARGS`` besides it): every option given here
+        reaches the client."""
         return IndexOptions(
             timeout_s=self.retrieval_timeout, failure_policy=self.failure_policy,
             token_file=Path(self.index_token_file) if self.index_token_file else None,

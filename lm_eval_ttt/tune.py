@@ -153,6 +153,9 @@ def run_tune(config: TuneConfig, echo=print) -> dict:
             documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
     finally:
         index.close()
+    if NeighbourSettings not in model_class(config.method).setting_groups:  # the index only gave the documents
+        config = replace(config, model_args={k: v for k, v in config.model_args.items()
+                                             if k not in NeighbourSettings.INDEX_ARGS})
     if config.validation_file is not None:
         documents = file_documents(config.validation_file, config.docs, config.seed, config.min_chars, config.max_chars)
         where = f"{config.validation_file} (documents"

@@ -169,6 +169,7 @@ def test_labels_of_every_method(tmp_path):
     assert _label(cheap)[1] == "ttt-nn k=5 top-6-blocks batch=4 +dyneval x1 dyneval_lr=0.0002"
     plain = config(method="ttt-nn", k=5, train_layers=None, neighbour_batch=1, dyneval_iterations=0, dyneval_lr=2e-4)
     assert _label(plain)[1] == "ttt-nn k=5"
+    assert _label(config(method="ttt-nn", k=10, exclude_duplicates=True))[1] == "ttt-nn k=10 no-near-duplicates"
 
 
 def test_a_repeated_document_counts_as_often_as_the_harness_counts_it(tiny_lm, corpus_texts, test_docs, tmp_path):

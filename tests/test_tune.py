@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from conftest import build_small, make_lm
@@ -212,3 +213,15 @@ def test_widening_stops_at_the_bounds_of_the_parameter(tuned, tmp_path, monkeypa
                               widen=3), echo=said.append)
     assert result["widened"] == [] and result["chosen"] == 0.6 and "on the edge" in result["reason"]
     assert any("lambda: must be < 1" in line for line in said)
+
+
+def test_a_method_without_neighbours_is_tuned_on_the_index_the_tune_was_given(tiny_lm, small_index, tmp_path):
+    """`ttt-nn tune --index X --method ttt-nn-dyneval`: the index only supplies the validation
+    documents; dynamic evaluation retrieves nothing and must not be handed it."""
+    config = TuneConfig(method="ttt-nn-dyneval", param="lr", grid=(1e-3,), docs=1, out=tmp_path,
+                        model_args={"pretrained": str(tiny_lm), "index": str(small_index), "index_nprobe": 4,
+                                    "max_length": 64, "device": "cpu", "batch_size": 1})
+    result = run_tune(config, echo=lambda *a: None)
+    assert result["chosen"] == 1e-3 and result["rows"][0]["steps"] > 0 and result["k"] is None
+    with pytest.raises(ValueError, match="unknown model argument 'k'"):  # other neighbour settings: still refused
+        run_tune(replace(config, model_args={**config.model_args, "k": 3}, out=tmp_path / "b"), echo=lambda *a: None)
