@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import BIN, REPO, task_bits_per_byte
 
 from lm_eval_ttt.runlog import rank_files, read_log
@@ -89,7 +90,9 @@ def test_two_processes_equal_one_and_a_changed_rank_count_resumes(tiny_lm, small
     reference = in_process(tiny_lm, small_index, one, one / "logs", 5)
     single, double = (read_log(stem_of(one / "logs")), read_log(stem_of(two / "logs")))
     assert len(rank_files(stem_of(two / "logs"))) == 2  # one file per rank, merged on read
-    assert {k: r["results"] for k, r in double.items()} == {k: r["results"] for k, r in single.items()}  # bit-identical
+    assert double.keys() == single.keys()
+    for key, record in double.items():  # the same sums, to float rounding: each process runs its own thread count
+        assert record["results"] == pytest.approx(single[key]["results"], rel=1e-7, abs=1e-6), key
     a, b = reference["results"][TASK]["bits_per_byte,none"], task_bits_per_byte(two, TASK)
     assert abs(a - b) <= 1e-6 * a, (a, b)
     assert results(two)["n-samples"][TASK]["effective"] == 5

@@ -52,8 +52,13 @@ def test_three_parts_equal_one_part_and_give_the_same_neighbours(small_corpus, o
     a, b = (build_index(BuildConfig(output=tmp_path / name, embeddings=emb, progress=False))
             for name, emb in (("a", one_part), ("b", three)))
     queries = parts_vectors(one_part)[::9] + 0.01
-    ids_a = LocalIndex(tmp_path / "a").search(queries, 10).ids
-    np.testing.assert_array_equal(ids_a, LocalIndex(tmp_path / "b").search(queries, 10).ids)
+    found_a, found_b = (LocalIndex(tmp_path / name).search(queries, 10) for name in ("a", "b"))
+    # the same neighbours at the same distances; near-ties may swap places (on CPUs whose
+    # kernels depend on the batch, e.g. AMX, the vectors agree to 1e-5, not bit for bit)
+    np.testing.assert_allclose(found_a.distances, found_b.distances, atol=1e-4)
+    gaps = np.diff(found_a.distances, axis=1) > 1e-3  # an id is pinned where its rank is not a near-tie
+    pinned = np.hstack([gaps[:, :1], gaps[:, 1:] & gaps[:, :-1], gaps[:, -1:]])
+    np.testing.assert_array_equal(found_a.ids[pinned], found_b.ids[pinned])
     assert a.corpus[0].sha256 != b.corpus[0].sha256 or a.corpus[0].chunks != b.corpus[0].chunks
     cli(capsys, "ttt-index", "info", str(tmp_path / "b"), "--full")  # chunked corpus hashes verify
 
