@@ -32,8 +32,10 @@ run() {  # name model args
     --device cpu --batch_size 1 --output_path "$OUT/runs/$1"
 }
 mkdir -p "$OUT"
-wants nearest nearest-k50 nearest-dedup sift combined && tune ttt-nn ttt-nn lr 5e-5:1e-4:2e-4 --k 10 --model-args $NB
-wants nearest nearest-k50 nearest-dedup sift combined && LR=$(chosen ttt-nn)
+if wants nearest nearest-k50 nearest-dedup sift combined; then  # the runs at ttt-nn's rate
+  tune ttt-nn ttt-nn lr 5e-5:1e-4:2e-4 --k 10 --model-args $NB
+  LR=$(chosen ttt-nn)
+fi
 want sift && tune sift ttt-nn sift_lambda 0.1:1:10 --k 10 --model-args "$NB,lr=$LR,select=sift,candidates=200"
 want lora && tune lora ttt-nn lr 1e-3:3e-3:1e-2 --k 10 --model-args "$NB,adapter=lora"
 want context && tune context ttt-nn-context context_tokens 32:64:128 --k 10
