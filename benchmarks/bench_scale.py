@@ -252,7 +252,9 @@ def main() -> None:
                "batch64_p99_ms": round(batched[1], 1), "grpc_p50_ms": round(grpc_single[0], 2),
                "grpc_p99_ms": round(grpc_single[1], 2), "grpc_batch64_p50_ms": round(grpc_batched[0], 1),
                "server_rss_mb": round(server_rss), "in_process_rss_growth_mb": round(in_process_rss),
-               "build_s": round(build_s), "build_peak_rss_mb": round(build_peak)}
+               "build_s": round(build_s), "build_peak_rss_mb": round(build_peak),
+               "nprobe": None if factory == "Flat" else args.nprobe,  # what the recall was searched with
+               "refine_factor": args.refine_factor if "--refine" in flags else None}
         rows.append(row)
         families.setdefault(family, {"recall": r})
         print(json.dumps(row), flush=True)
