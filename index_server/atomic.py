@@ -111,6 +111,12 @@ def remove_stale_temporaries(directory: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def names_output(name: str, output: Path) -> bool:
+    """Whether a directory entry called ``name`` beside ``output`` is ``output`` itself or one
+    of the scratch siblings ``atomic_output`` writes it through."""
+    return name == output.name or name.startswith(f".{output.name}{_SCRATCH_TAG}")
+
+
 def remove_stale_scratch(output: Path) -> list[Path]:
     """Remove scratch siblings of ``output`` left by processes of this host that no longer
     run; a previous output renamed away by a swap that died halfway is renamed back."""

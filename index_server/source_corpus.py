@@ -24,20 +24,26 @@ Files that are binary (a NUL byte), not UTF-8, unreadable, empty, outside the si
 or excluded by the globs are skipped and counted by reason; a file whose content (sha256)
 was already seen is kept once and counted. Every kept file is assigned to the index,
 validation or test split by a hash of its path, so a path never lies on two sides (in two
-releases of a package, say) and reruns agree. The output directory appears whole or not at
-all (``atomic_output``), with ``summary.json`` holding the counts.
+releases of a package, say) and reruns agree. Globs and sizes are checked before a file is
+read, so an excluded ``.git`` pack or an oversized data file costs a ``stat``. The output
+directory appears whole or not at all (``atomic_output``), with ``summary.json`` holding the
+counts; where it lies inside an input tree it (and its scratch copy) is not read back, and a
+damaged archive is one error before any work.
 """
 
 from __future__ import annotations
 
 import email.parser
 import fnmatch
+import gzip
 import hashlib
 import importlib.metadata
 import json
+import lzma
 import re
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -45,7 +51,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_output
+from .atomic import atomic_output, names_output
 
 SUMMARY_NAME = "summary.json"
 SPLITS = ("index", "validation", "test")
@@ -58,6 +64,9 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz
 _ZIP_SUFFIXES = (".whl", ".zip", ".egg")
 _SPDX = re.compile(rb"SPDX-License-Identifier:\s*([^\r\n]*)")
 _SPDX_HEAD_BYTES = 4096
+# What a damaged archive raises: at open, one clear error; for one member, that file counts as unreadable.
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+_READ_ERRORS = (OSError, *_ARCHIVE_ERRORS)
 _METADATA_FILE = re.compile(r"[^/]+\.dist-info/METADATA|[^/]+/PKG-INFO|PKG-INFO")
 _LICENCE_FILE = re.compile(r"(?:COPYING|LICEN[CS]E)(?:\.[A-Za-z]+)?")
 # Skip reasons, in the order the summary lists them.
@@ -102,7 +111,9 @@ class Source:
     name: str
     version: str | None
     license: str | None
-    files: Callable[[], Iterator[tuple[str, Callable[[], bytes] | None]]]  # (path, read), read None: not a file
+    # (path, size, read) in a fixed order; size and read None: not a regular file. The size comes
+    # first so that excluded and oversized files are never read.
+    files: Callable[[], Iterator[tuple[str, Callable[[], int] | None, Callable[[], bytes] | None]]]
     tree_license: str | None = None  # the SPDX identifier of a top-level COPYING / LICENSE file
 
 
@@ -179,20 +190,41 @@ def _named(stem: str, metadata) -> tuple[str, str | None, str | None]:
     return metadata.get("Name") or stem, metadata.get("Version"), declared_license(metadata)
 
 
-def directory_source(path: Path) -> Source:
+def directory_source(path: Path, output: Path | None = None) -> Source:
+    """A tree's files; ``output``, the corpus being written, is left out where it lies inside
+    the tree (``ttt-index corpus . --out corpus``), its scratch siblings too."""
     meta_files = sorted([*path.glob("PKG-INFO"), *path.glob("*.dist-info/METADATA"), *path.glob("*.egg-info/PKG-INFO")])
     metadata = _parse_metadata(meta_files[0].read_bytes()) if meta_files else None
+    own = _output_within(path, output)
 
     def files():
         for item in sorted(path.rglob("*")):
-            if item.is_dir() and not item.is_symlink():
+            rel = item.relative_to(path)
+            if (item.is_dir() and not item.is_symlink()) or (own and _is_under_output(rel, *own)):
                 continue
-            rel = item.relative_to(path).as_posix()
-            yield rel, (item.read_bytes if item.is_file() and not item.is_symlink() else None)
+            if item.is_file() and not item.is_symlink():
+                yield rel.as_posix(), (lambda item=item: item.stat().st_size), item.read_bytes
+            else:
+                yield rel.as_posix(), None, None
 
     licence_files = sorted(p for p in path.iterdir() if p.is_file() and _LICENCE_FILE.fullmatch(p.name))
     tree = next(filter(None, (file_license(p.read_bytes()) for p in licence_files)), None)
     return Source(str(path), *_named(path.name, metadata), files, tree)
+
+
+def _output_within(tree: Path, output: Path | None) -> tuple[tuple[str, ...], Path] | None:
+    """Where ``output`` would lie inside ``tree``: its parent's path parts relative to the tree."""
+    if output is None:
+        return None
+    try:
+        return Path(output).resolve().parent.relative_to(tree.resolve()).parts, Path(output)
+    except ValueError:
+        return None
+
+
+def _is_under_output(rel: Path, parent_parts: tuple[str, ...], output: Path) -> bool:
+    n = len(parent_parts)
+    return len(rel.parts) > n and rel.parts[:n] == parent_parts and names_output(rel.parts[n], output)
 
 
 def zip_source(path: Path) -> Source:
@@ -207,7 +239,8 @@ def zip_source(path: Path) -> Source:
     def files():
         with zipfile.ZipFile(path) as z:
             for info in infos:
-                yield info.filename.removeprefix(root), (lambda info=info: z.read(info))
+                name = info.filename.removeprefix(root)
+                yield name, (lambda info=info: info.file_size), (lambda info=info: z.read(info))
 
     return Source(str(path), *_named(_archive_stem(path), metadata), files, tree)
 
@@ -234,7 +267,10 @@ def tar_source(path: Path) -> Source:
                 if member.isdir():
                     continue
                 rel = member.name.removeprefix(root)
-                yield rel, ((lambda member=member: t.extractfile(member).read()) if member.isfile() else None)
+                if member.isfile():
+                    yield rel, (lambda member=member: member.size), lambda member=member: t.extractfile(member).read()
+                else:
+                    yield rel, None, None
 
     return Source(str(path), *_named(_archive_stem(path), metadata), files, tree)
 
@@ -249,58 +285,71 @@ def package_source(name: str) -> Source:
     def files():
         for rel in inside:
             located = Path(dist.locate_file(rel))
-            yield rel, (located.read_bytes if located.is_file() else None)
+            if located.is_file():
+                yield rel, (lambda located=located: located.stat().st_size), located.read_bytes
+            else:
+                yield rel, None, None
 
     return Source(f"--package {name}", *_named(name, dist.metadata), files)
 
 
-def open_source(path: Path) -> Source:
-    """The source an input path names; errors before any work for what cannot be read."""
+def open_source(path: Path, output: Path | None = None) -> Source:
+    """The source an input path names (``output``: the corpus being written, never read from a
+    tree that holds it); errors before any work for what cannot be read."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such directory or archive")
     if path.is_dir():
-        return directory_source(path)
-    if path.name.endswith(_ZIP_SUFFIXES):
-        return zip_source(path)
-    if path.name.endswith(_TAR_SUFFIXES):
-        return tar_source(path)
-    raise ValueError(f"{path}: not a directory or an archive this reads (a wheel, .zip, .tar, .tar.gz, .tar.xz, "
-                     f".tar.bz2)")
+        return directory_source(path, output)
+    reader = (zip_source if path.name.endswith(_ZIP_SUFFIXES) else
+              tar_source if path.name.endswith(_TAR_SUFFIXES) else None)
+    if reader is None:
+        raise ValueError(f"{path}: not a directory or an archive this reads (a wheel, .zip, .tar, .tar.gz, .tar.xz, "
+                         f".tar.bz2)")
+    try:
+        return reader(path)
+    except _ARCHIVE_ERRORS as e:
+        raise ValueError(f"{path}: not a readable archive ({e})") from e
 
 
-def _skip_reason(path: str, data: bytes | None, config: SourceCorpusConfig) -> str | None:
+def _skip_before_reading(path: str, size: Callable[[], int] | None, config: SourceCorpusConfig) -> str | None:
     if config.include and not any(fnmatch.fnmatchcase(path, g) for g in config.include):
         return EXCLUDED
     if any(fnmatch.fnmatchcase(path, g) for g in config.exclude):
         return EXCLUDED
-    if data is None:
-        return NOT_A_FILE
-    if len(data) > config.max_bytes:
+    return NOT_A_FILE if size is None else _size_reason(size(), config)
+
+
+def _size_reason(size: int, config: SourceCorpusConfig) -> str | None:
+    if size > config.max_bytes:
         return TOO_LARGE
-    if len(data) < config.min_bytes:
+    if size < config.min_bytes:
         return TOO_SMALL
-    if b"\x00" in data:
-        return BINARY
     return None
+
+
+def _content_reason(data: bytes, config: SourceCorpusConfig) -> tuple[str | None, str | None]:
+    """(skip reason, text): the size again (a file may change between stat and read), then the bytes."""
+    reason = _size_reason(len(data), config) or (BINARY if b"\x00" in data else None)
+    if reason is not None:
+        return reason, None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return NOT_UTF8, None
+    return (EMPTY, None) if not text.strip() else (None, text)
 
 
 def documents(source: Source, config: SourceCorpusConfig, seen: set[bytes], stats: SourceStats
               ) -> Iterator[tuple[str, dict]]:
     """(split, record) of every kept file of one source, counting what is skipped."""
-    for path, read in source.files():
+    for path, size, read in source.files():
         try:
-            data = read() if read is not None else None
-        except OSError:
+            reason = _skip_before_reading(path, size, config)
+            if reason is None:
+                reason, text = _content_reason(data := read(), config)
+        except _READ_ERRORS:
             stats.skipped[UNREADABLE] += 1
             continue
-        reason = _skip_reason(path, data, config)
-        if reason is None:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                reason = NOT_UTF8
-            else:
-                reason = EMPTY if not text.strip() else None
         if reason is None:
             digest = hashlib.sha256(data).digest()
             if digest in seen:
@@ -330,7 +379,8 @@ def _is_corpus_output(directory: Path) -> bool:
 
 def write_source_corpus(config: SourceCorpusConfig) -> dict:
     """Write the corpus; returns the summary (also written as ``summary.json``)."""
-    sources = [open_source(Path(p)) for p in config.inputs] + [package_source(n) for n in config.packages]
+    sources = [open_source(Path(p), config.output) for p in config.inputs]
+    sources += [package_source(n) for n in config.packages]
     seen: set[bytes] = set()
     all_stats = []
     with atomic_output(config.output, config.overwrite, is_ours=_is_corpus_output,

@@ -190,3 +190,36 @@ def test_cli_prints_the_summary_and_overwrites_only_its_own_output(tree, tmp_pat
     (other / "keep.txt").write_text("mine")
     refused = cli(capsys, "ttt-index", "corpus", str(tree), "--out", str(other), "--overwrite", check=False)
     assert refused.returncode == 2 and "not an output of this tool" in refused.stderr
+
+
+def test_an_output_inside_the_input_tree_is_never_read_back(tree):
+    out = tree / "corpus"  # `ttt-index corpus . --out corpus`
+    first = write_source_corpus(SourceCorpusConfig(out, inputs=(tree,), progress=False))
+    first_docs = by_path(out)
+    again = write_source_corpus(SourceCorpusConfig(out, inputs=(tree,), overwrite=True, progress=False))
+    assert by_path(out) == first_docs and again["documents"] == first["documents"]
+    assert not [p for p in first_docs if p.startswith(("corpus/", ".corpus"))]
+    assert again["sources"][0]["skipped"] == first["sources"][0]["skipped"]
+
+
+def test_excluded_and_oversized_files_are_not_read(tree, tmp_path, monkeypatch):
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    summary = write_source_corpus(SourceCorpusConfig(tmp_path / "out", inputs=(tree,), max_bytes=1000,
+                                                     progress=False))
+    assert summary["sources"][0]["skipped"][sc.TOO_LARGE] == 1 and summary["sources"][0]["skipped"][sc.EXCLUDED] == 1
+    assert "big.py" not in read and "HEAD" not in read and "mod.py" in read
+
+
+def test_a_corrupt_archive_is_one_clear_error_before_any_work(tmp_path, capsys):
+    bad_wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    bad_wheel.write_bytes(b"not a zip at all")
+    sdist = _sdist(tmp_path / "other-2.0.tar.gz", "other", "2.0", {"other/b.py": "B = 2\n" * 2000})
+    truncated = tmp_path / "cut-2.0.tar.gz"
+    truncated.write_bytes(sdist.read_bytes()[:200])
+    out = tmp_path / "out"
+    for archive in (bad_wheel, truncated):
+        proc = cli(capsys, "ttt-index", "corpus", str(archive), "--out", str(out), check=False)
+        assert proc.returncode == 2 and f"{archive}: not a readable archive" in proc.stderr, proc.stderr
+        assert not out.exists() and not list(tmp_path.glob(".out*"))
