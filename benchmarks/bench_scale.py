@@ -1,7 +1,7 @@
 """Pile-scale index layouts measured at millions of vectors, and a projection for the Pile.
 
 Usage: python benchmarks/bench_scale.py [--vectors 2000000] [--dim 384] [--nlist 2048] [--pq 48]
-                                        [--nprobe 32] [--refine-factor 8] [--json PATH]
+                                        [--nprobe N] [--refine-factor F] [--json PATH]
        python benchmarks/bench_scale.py --embeddings work/scale/embeddings \
                                         --queries-corpus work/scale/corpus/scale.test.jsonl [--json PATH]
 
@@ -36,10 +36,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import WORK, current_rss_mb, embeddings_from_vectors, parser, report, write_json  # noqa: E402
 
+from index_server.build import default_nprobe  # noqa: E402
 from index_server.client import GrpcIndex  # noqa: E402
 from index_server.launcher import ShardProcess, start_shard_server  # noqa: E402
 from index_server.manifest import Manifest  # noqa: E402
-from index_server.options import IndexOptions  # noqa: E402
+from index_server.options import REFINE_FACTOR, IndexOptions  # noqa: E402
 from index_server.plan import MEASURED, default_nlist, human, record_measured_recall  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
 from index_server.server import ServerConfig  # noqa: E402
@@ -198,8 +199,11 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--nlist", type=int, help="IVF lists (default: 2048; with --embeddings, plan's rule)")
     p.add_argument("--pq", type=int, default=48)
-    p.add_argument("--nprobe", type=int, default=32)
-    p.add_argument("--refine-factor", type=int, default=8)
+    p.add_argument("--nprobe", type=int, help="lists probed (default: what an index built here records, nlist/32); "
+                                             "measured_recall.json should describe indexes searched by default")
+    p.add_argument("--refine-factor", type=int, default=REFINE_FACTOR,
+                   help=f"--refine layouts: candidates per neighbour re-ranked (default: the search's, "
+                        f"{REFINE_FACTOR})")
     p.add_argument("--train-size", type=int, default=40 * 2048)
     p.add_argument("--rss-sizes", default="500000,1000000", help="smaller N for the build-memory curve")
     p.add_argument("--no-measured-recall", action="store_true", help="do not write index_server/measured_recall.json")
@@ -219,6 +223,7 @@ def main() -> None:
         data = f"{args.vectors:,} x {args.dim} clustered vectors"
     print(f"data: {data}, {len(queries)} queries ({time.perf_counter() - started:.0f} s)", flush=True)
 
+    args.nprobe = args.nprobe or default_nprobe(args.nlist)
     rows, families, truth = [], {}, None
     options = IndexOptions(nprobe=args.nprobe, refine_factor=args.refine_factor)
     for name, factory, flags, family in layouts(args):
