@@ -209,7 +209,7 @@ def directory_source(path: Path, output: Path | None = None) -> Source:
 
     licence_files = sorted(p for p in path.iterdir() if p.is_file() and _LICENCE_FILE.fullmatch(p.name))
     tree = next(filter(None, (file_license(p.read_bytes()) for p in licence_files)), None)
-    return Source(str(path), *_named(path.name, metadata), files, tree)
+    return Source(str(path), *_named(path.resolve().name, metadata), files, tree)  # "." has no name
 
 
 def _output_within(tree: Path, output: Path | None) -> tuple[tuple[str, ...], Path] | None:

@@ -223,3 +223,9 @@ def test_a_corrupt_archive_is_one_clear_error_before_any_work(tmp_path, capsys):
         proc = cli(capsys, "ttt-index", "corpus", str(archive), "--out", str(out), check=False)
         assert proc.returncode == 2 and f"{archive}: not a readable archive" in proc.stderr, proc.stderr
         assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_tree_given_as_dot_is_named_by_its_directory(tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tree)
+    write_source_corpus(SourceCorpusConfig(tmp_path / "out", inputs=(Path("."),), progress=False))
+    assert {d["meta"]["source"] for d in by_path(tmp_path / "out").values()} == {"proj"}
