@@ -40,7 +40,7 @@ from index_server.build import default_nprobe  # noqa: E402
 from index_server.client import GrpcIndex  # noqa: E402
 from index_server.launcher import ShardProcess, start_shard_server  # noqa: E402
 from index_server.manifest import Manifest  # noqa: E402
-from index_server.options import REFINE_FACTOR, IndexOptions  # noqa: E402
+from index_server.options import NLIST_PER_NPROBE, REFINE_FACTOR, IndexOptions  # noqa: E402
 from index_server.plan import MEASURED, default_nlist, human, record_measured_recall  # noqa: E402
 from index_server.search import LocalIndex  # noqa: E402
 from index_server.server import ServerConfig  # noqa: E402
@@ -199,8 +199,9 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--nlist", type=int, help="IVF lists (default: 2048; with --embeddings, plan's rule)")
     p.add_argument("--pq", type=int, default=48)
-    p.add_argument("--nprobe", type=int, help="lists probed (default: what an index built here records, nlist/32); "
-                                             "measured_recall.json should describe indexes searched by default")
+    p.add_argument("--nprobe", type=int, help=f"lists probed (default: what an index built here records, "
+                                             f"nlist/{NLIST_PER_NPROBE}, so that the recorded recall is a default "
+                                             f"search's)")
     p.add_argument("--refine-factor", type=int, default=REFINE_FACTOR,
                    help=f"--refine layouts: candidates per neighbour re-ranked (default: the search's, "
                         f"{REFINE_FACTOR})")
