@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .client import GrpcIndex, parse_addresses
-from .manifest import Manifest
+from .manifest import MANIFEST_NAME, Manifest
 from .options import GRPC_PREFIX, IndexOptions
 from .search import LocalIndex, SearchKnobs, SearchResult
 
@@ -54,6 +54,23 @@ class KnnIndex(Protocol):
 
 def is_remote(spec: str | Path) -> bool:
     return str(spec).startswith(GRPC_PREFIX)
+
+
+def spec_problem(spec: str | Path) -> str | None:
+    """Why ``spec`` names no index, as far as can be told without opening it (milliseconds:
+    callers check it before a model loads), or None."""
+    if is_remote(spec):
+        try:
+            parse_addresses(str(spec))
+        except ValueError as e:
+            return str(e)
+        return None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return f"{spec}: no such index directory (build one with `ttt-index build`)"
+    if not (path / MANIFEST_NAME).is_file():
+        return f"{spec}: not an index directory (no {MANIFEST_NAME}; build one with `ttt-index build`)"
+    return None
 
 
 def open_index(spec: str | Path, options: IndexOptions = IndexOptions()) -> KnnIndex:

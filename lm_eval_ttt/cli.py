@@ -72,16 +72,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from .report import write_report
+    from .report import load_runs, write_report
 
-    table, plots = write_report(args.results, args.out)
+    table, plots = write_report(load_runs(args.results), args.out, args.reference)
     print(table)
     print("written: " + ", ".join(str(p) for p in [args.out / "report.md", *plots]))
 
 
-def _cmd_tune(args: argparse.Namespace) -> None:
-    from .tune import run_tune
-
+def tune_config(args: argparse.Namespace) -> TuneConfig:
+    """The tune that ``ttt-nn tune``'s arguments describe."""
     model_args = simple_parse_args_string(args.model_args or "")
     for name in ("pretrained", "index", "device", "max_length", "k"):
         if getattr(args, name) is not None:
@@ -89,9 +88,28 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     model_args.setdefault("batch_size", 1)
     model_args.setdefault("device", "cpu")
     grid = tuple(handle_arg_string(v) for v in args.grid.split(":") if v)
-    run_tune(TuneConfig(method=args.method, param=args.param, grid=grid, model_args=model_args, docs=args.docs,
-                        min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out,
-                        widen=args.widen, validation_file=args.validation_file))
+    return TuneConfig(method=args.method, param=args.param, grid=grid, model_args=model_args, docs=args.docs,
+                      min_chars=args.min_chars, max_chars=args.max_chars, seed=args.seed, out=args.out,
+                      widen=args.widen, validation_file=args.validation_file)
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from .tune import run_tune
+
+    run_tune(tune_config(args))
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import run
+    from .experiment import load
+
+    if any("=" not in kv for kv in args.chosen):
+        raise ValueError(f"--chosen takes LABEL=VALUE pairs, got {args.chosen}")
+    chosen = dict(kv.split("=", 1) for kv in args.chosen)
+    result = run(load(args.experiment), only=args.only, chosen=chosen, print_plan=args.plan,
+                 report_only=args.report_only)
+    if args.plan:
+        print("\n".join(result) if result else "# nothing left to run: ttt-nn compare --report-only writes the report")
 
 
 def _cmd_paths(args: argparse.Namespace) -> None:
@@ -132,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("results", type=Path, nargs="+", help="results_*.json files or directories")
     p.add_argument("--out", type=Path, default=Path("work/report"), help="output directory (default: %(default)s)")
+    p.add_argument("--reference", help="label of the run every other run's bits per byte is also divided by, with a "
+                                       "paired interval (e.g. tuned dynamic evaluation)")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser(
         "tune",
@@ -167,6 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while the choice lands on an edge of the grid, evaluate the next value past it, up to this "
                         "many times (default: %(default)s)")
     p.set_defaults(func=_cmd_tune)
+    p = sub.add_parser(
+        "compare",
+        help="tune every method of an experiment file on validation documents, run each on the test documents with "
+             "lm_eval, and write the report with paired intervals",
+        description="Reads an experiment file (TOML: the model, the index, the validation and test documents, the "
+                    "tuning budget and every method with its grid), tunes each method on the same validation "
+                    "budget (widening a grid whose choice lands on its edge), runs each on the same test documents "
+                    "through the stock lm_eval command, and writes report.md and plots with 95% paired bootstrap "
+                    "intervals. A rerun resumes from the tune records and the per-document logs.",
+    )
+    p.add_argument("experiment", type=Path, help="experiment file (TOML)")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these methods (and the tunes they need)")
+    p.add_argument("--chosen", nargs="+", default=[], metavar="LABEL=VALUE",
+                   help="use VALUE for LABEL's tuned argument instead of tuning it (recorded as given, not tuned)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true",
+                      help="print the tune and lm_eval commands that can run now, one per line, for your own "
+                           "scheduler; run nothing")
+    mode.add_argument("--report-only", action="store_true",
+                      help="run nothing: write the report from the tunes and runs finished so far")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("paths",
                        help="print where the bundled model and the task configs are (for --model hf / --include_path)")
     p.add_argument("--index", action="store_true", help="also prepare and print the default index")

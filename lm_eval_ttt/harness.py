@@ -38,6 +38,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
+from index_server.index import spec_problem
+
 from .assets import bundled_lm_path, ensure_default_index, ttt_home
 from .documents import GENERATE, KINDS, LOGLIKELIHOOD, REQUEST_TYPES, ROLLING, Document, Pairs, group_documents, scatter
 from .metrics import utf8_bytes
@@ -52,6 +54,7 @@ from .settings import (
     parse_model_args,
     scoring_values,
 )
+from .tunerecord import TuneRecord, TuneRecordError
 
 LOG_FORMAT = 2  # bump when the meaning of a logged score changes
 # Every record carries what its document cost, in one shape for every method (what the
@@ -144,6 +147,8 @@ class NeighbourLM(HFLM):
         s = self.neighbour_settings
         if s is not None and s.alpha is not None and s.select != "sift":
             raise ModelArgumentError("alpha (adaptive compute) needs select=sift")
+        if s is not None and s.index is not None and (problem := spec_problem(s.index)):
+            raise ModelArgumentError(f"index={problem}")
         self._read_tuned()
 
     def implied_hf_kwargs(self) -> dict:
@@ -183,41 +188,42 @@ class NeighbourLM(HFLM):
     def log_stem(self) -> Path:
         return self.log_dir / f"{self.method}-{hashlib.sha256(self._identity_json().encode()).hexdigest()[:16]}"
 
-    def _read_tuned(self) -> dict | None:
-        """The ``tune.json`` of ``tuned=``, checked as far as the arguments alone allow
-        (before the model loads); ``tuned()`` checks the value actually used."""
+    def _read_tuned(self) -> TuneRecord | None:
+        """The tune record of ``tuned=``, checked as far as the arguments alone allow (before
+        the model loads); ``tuned()`` checks the value actually used."""
         path = self.run_settings.tuned
         if path is None:
             return None
         try:
-            data = json.loads(Path(path).read_text())
-            data["param"], data["chosen"], data["validation"]  # noqa: B018  (the keys a tune.json has)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelArgumentError(f"tuned={path}: not a tune.json written by `ttt-nn tune` ({e})") from e
-        given = next((getattr(g, ALIASES.get(data["param"], data["param"])) for g in self.settings_groups
-                      if hasattr(g, ALIASES.get(data["param"], data["param"]))), None)
-        if data["method"] != self.method or (given is not None and not _same(given, data["chosen"])):
-            raise ModelArgumentError(f"tuned={path} chose {data['param']}={data['chosen']} for {data['method']}, but "
-                                     f"this run is {self.method} with {data['param']}={given}")
+            record = TuneRecord.read(Path(path))
+        except TuneRecordError as e:
+            raise ModelArgumentError(f"tuned={e}") from e
+        name = ALIASES.get(record.param, record.param)
+        given = next((getattr(g, name) for g in self.settings_groups if hasattr(g, name)), None)
+        if record.method != self.method or (given is not None and not _same(given, record.value)):
+            raise ModelArgumentError(f"tuned={path} chose {record.param}={record.value} for {record.method}, but "
+                                     f"this run is {self.method} with {record.param}={given}")
         k = self.neighbour_settings.k if self.neighbour_settings is not None else None
-        if data.get("k") is not None and k is not None and data["k"] != k and not self._warned_k:
+        if record.k is not None and k is not None and record.k != k and not self._warned_k:
             self._warned_k = True  # a value chosen at one k need not hold at another
-            warnings.warn(f"tuned={path}: {data['param']}={data['chosen']} was tuned at k={data['k']}; this run uses "
+            warnings.warn(f"tuned={path}: {record.param}={record.value} was tuned at k={record.k}; this run uses "
                           f"k={k}", UserWarning, stacklevel=2)
-        return data
+        return record
 
     def tuned(self) -> dict | None:
-        """The ``tuned=`` record: which value was chosen on which validation documents.
-        Refuses a tune.json of another method or whose chosen value this run does not use."""
-        data = self._read_tuned()
-        if data is None:
+        """What the results record of ``tuned=``: which value, tuned on which validation
+        documents or given. Refuses a record of another method or whose value this run does
+        not use."""
+        record = self._read_tuned()
+        if record is None:
             return None
-        used = json.loads(self._identity_json()).get(ALIASES.get(data["param"], data["param"]))
-        if used is None or not _same(used, data["chosen"]):
-            raise ModelArgumentError(f"tuned={self.run_settings.tuned} chose {data['param']}={data['chosen']} for "
-                                     f"{data['method']}, but this run is {self.method} with {data['param']}={used}")
-        return {"param": data["param"], "value": data["chosen"], "k": data.get("k"), "reason": data.get("reason"),
-                "file": str(self.run_settings.tuned), "validation": data["validation"]}
+        used = json.loads(self._identity_json()).get(ALIASES.get(record.param, record.param))
+        if used is None or not _same(used, record.value):
+            raise ModelArgumentError(f"tuned={self.run_settings.tuned} chose {record.param}={record.value} for "
+                                     f"{record.method}, but this run is {self.method} with {record.param}={used}")
+        return {"param": record.param, "value": record.value, "k": record.k, "source": record.source,
+                "reason": record.reason, "file": str(self.run_settings.tuned), "describe": record.describe(),
+                "validation": dataclasses.asdict(record.validation) if record.validation else None}
 
     def close(self) -> None:
         """Close the index connections and corpus files this model opened (idempotent)."""
@@ -342,8 +348,10 @@ class NeighbourLM(HFLM):
 
     def _neighbours(self, document: Document) -> tuple[Neighbours, float]:
         start = time.perf_counter()
+        if self.neighbour_settings is None:
+            return Neighbours([], [], [], stop_reason=f"no retrieval: {self.method} uses no neighbours"), 0.0
         if self.retriever is None or self.k == 0:
-            return Neighbours([], [], []), 0.0
+            return Neighbours([], [], [], stop_reason="k=0: nothing retrieved"), 0.0
         query = document.query(self.neighbour_settings.query)
         found = self.retriever.neighbours(query, self.k, self.exclude_ids(document))
         return self.training_order(found), time.perf_counter() - start

@@ -36,8 +36,9 @@ PAPER_LR_SMALL, PAPER_LR_LARGE, LARGE_MODEL_PARAMS = 2e-5, 5e-6, 1_000_000_000
 # validation curve falls all the way (README "Parameter-efficient TTT";
 # docs/bench/tune-lora-lr.json, made by docs/tune-defaults.sh).
 DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 1e-3, 20
-# Dynamic evaluation's rate, chosen by `ttt-nn tune` for ttt-nn-dyneval; docs/compare.sh's
-# combined tune (k=10) chose the same for ttt-nn's dyneval_lr (README "Comparing methods").
+# The rate of steps on a document's own windows, ttt-nn-dyneval's lr and ttt-nn's dyneval_lr
+# alike: chosen by `ttt-nn tune` for ttt-nn-dyneval on the bundled validation documents, and
+# by the combined tune (k=10) for dyneval_lr (docs/compare/validation.md).
 DEFAULT_DYNEVAL_LR = 2e-4
 # Training and scoring arithmetic: precision name -> torch dtype name (None: fp32 throughout).
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -61,8 +62,9 @@ class RunSettings:
     resume: bool = arg(True, "reuse documents already in the log of a run with the same settings", scoring=False)
     seed: int | None = arg(None, "seed of the per-document training randomness (default: the harness's --seed "
                                  "torch seed)", minimum=0)
-    tuned: str | None = arg(None, "tune.json written by `ttt-nn tune` whose chosen value this run uses; the results "
-                                  "record it and the validation documents", scoring=False)
+    tuned: str | None = arg(None, "tune record (tune.json of `ttt-nn tune` or `ttt-nn compare`) whose value this run "
+                                  "uses; the results record it and its validation documents, or that it was given",
+                            scoring=False)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class TrainSettings:
     lr: float | None = arg(None, f"learning rate (default: {PAPER_LR_SMALL:g} below {LARGE_MODEL_PARAMS / 1e9:g}B "
                                  f"parameters, {PAPER_LR_LARGE:g} from {LARGE_MODEL_PARAMS / 1e9:g}B, the paper's; "
                                  f"adapter=lora: {DEFAULT_LORA_LR:g}, chosen on validation documents at "
-                                 f"k={DEFAULT_LORA_LR_K})", above=0)
+                                 f"k={DEFAULT_LORA_LR_K}; ttt-nn-dyneval: {DEFAULT_DYNEVAL_LR:g}, dyneval_lr's "
+                                 f"default)", above=0)
     precision: str = arg("fp32", "training and scoring arithmetic: fp32, or bf16/fp16 autocast with fp32 master "
                                  "weights", choices=tuple(PRECISIONS))
     compile: bool = arg(False, "torch.compile the forward (falls back to eager with a warning)", scoring=False)
@@ -169,9 +172,10 @@ class TTTSettings:
     dyneval_iterations: int = arg(0, "after the neighbours, score the document window by window and take this many "
                                      "steps on each window once it is scored (dynamic evaluation); rolling "
                                      "(perplexity) tasks only", minimum=0)
-    dyneval_lr: float = arg(DEFAULT_DYNEVAL_LR, "learning rate of the steps on the document's own windows "
-                                                "(default: ttt-nn-dyneval's tuned rate, which docs/compare.sh's "
-                                                "tune of this argument chose too, at k=10)", above=0)
+    dyneval_lr: float = arg(DEFAULT_DYNEVAL_LR, "learning rate of the steps on the document's own windows (the "
+                                                "default of ttt-nn-dyneval's lr too: one rate for one operation; "
+                                                "chosen for ttt-nn-dyneval on the bundled validation documents)",
+                            above=0)
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,11 @@ def _hf_parameters() -> dict[str, inspect.Parameter]:
 
     params = dict(inspect.signature(HFLM.__init__).parameters)
     return {n: p for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def hf_argument_names() -> set[str]:
+    """Every argument ``--model hf`` takes by name (HFLM's signature and the passthrough keywords)."""
+    return set(_hf_parameters()) | HF_PASSTHROUGH
 
 
 def _is_none(value) -> bool:

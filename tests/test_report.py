@@ -4,6 +4,7 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import fake_lm, requests
 
@@ -73,14 +74,18 @@ def test_report_table_equals_inputs_and_plots_are_real_images(results, tmp_path)
         data = json.loads(file.read_text())
         row = data["results"]["ttt_stdlib_code"]
         bpb = row["bits_per_byte,none"]
-        cells = f"| {row['byte_perplexity,none']:.4f} | {row['word_perplexity,none']:.2f} | {bpb / base:.1%} | 2 |"
-        assert f"| {bpb:.4f} {cells}" in table
+        if data["config"]["model"] == "hf":  # no per-document scores of its own (no --log_samples here)
+            assert f"| 2 | {bpb:.4f} | {row['byte_perplexity,none']:.4f} |" in table
+            continue
+        cells = f"| {row['byte_perplexity,none']:.4f} | {row['word_perplexity,none']:.2f} | {bpb / base:.3f} ["
+        assert re.search(rf"\| 2 \| {bpb:.4f} \[[0-9.]+, [0-9.]+\] {re.escape(cells)}", table), table
     ttt = next(r for r in runs if r.method == "ttt-nn")
     points = curve_points(ttt)
     assert [k for k, _, _ in points] == [0, 1, 2]
     assert points[0][1] == 0 < points[1][1] < points[2][1]  # gradient steps grow with k
     assert points[-1][2] == pytest.approx(ttt.metrics["bits_per_byte"], rel=1e-9)  # final point = harness metric
-    assert "| ttt_stdlib_code | ttt-nn k=2 lr=0.001 | 2 |" in table  # bits per byte against steps
+    label = "ttt-nn k=2 eval_at_k=0:1:2 max_neighbor_tokens=64 lr=0.001"  # the arguments as given, no paths
+    assert ttt.label == label and f"| ttt_stdlib_code | {label} | 2 |" in table  # bits per byte against steps
     for name in ("bpb_vs_k.png", "bpb_vs_steps.png", "bpb_by_method.png", "train_cost.png", "bpb_vs_seconds.png"):
         width, height, data = png_size(tmp_path / "report" / name)
         assert width >= 400 and height >= 300
@@ -108,10 +113,11 @@ def test_each_run_is_compared_with_the_hf_run_of_its_own_model(results, tmp_path
     assert own.metrics["bits_per_byte"] != 9.0
     kept = ttt.metrics["bits_per_byte"] / own.metrics["bits_per_byte"]
     table = markdown_table(runs)
-    assert f"| {ttt.label} | {ttt.metrics['bits_per_byte']:.4f} |" in table
-    assert f"{kept:.1%} |" in table.split(ttt.label)[1].splitlines()[0]
+    row = table.split(f"| {ttt.label} |")[1].splitlines()[0]
+    assert row.startswith(f" 2 | {ttt.metrics['bits_per_byte']:.4f} [")
+    assert f"| {kept:.3f} [" in row  # against its own model's base, not the other model's 9.0
     assert ttt.label.endswith(f"[{Path(ttt.model).name}]")
-    assert any(r.label == "hf [other-model]" for r in hf_runs)
+    assert any(r.label == "hf max_length=64 [other-model]" for r in hf_runs)
 
 
 def test_a_resumed_run_says_its_wall_time_leaves_out_the_resumed_documents(results, tmp_path):
@@ -152,24 +158,16 @@ def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
     assert curve_points(run_)[1][2] == pytest.approx(bits_per_byte([-60.0, -70.0, -70.0], 300))
 
 
-def test_labels_of_every_method(tmp_path):
-    """dyneval's settings have no k (it retrieves nothing): its label must not need one."""
-    from lm_eval_ttt.report import _label
+def test_labels_are_the_arguments_as_given_without_paths():
+    """No guessing back from settings: the model and what it was given, paths and devices left out."""
+    from lm_eval_ttt.report import label_from_args
 
-    def config(**settings):
-        return {"ttt_nn": {"settings": settings}}
-
-    assert _label(config(method="ttt-nn-dyneval", iterations=1)) == ("ttt-nn-dyneval", "ttt-nn-dyneval iterations=1")
-    assert _label(config(method="ttt-nn", k=10, order="farthest"))[1] == "ttt-nn k=10 farthest-first"
-    assert _label(config(method="ttt-nn-interp", k=10, lam=0.01))[1] == "ttt-nn-interp k=10 lambda=0.01"
-    assert _label(config(method="ttt-nn-context", k=10))[1] == "ttt-nn-context k=10"
-    assert _label({"model": "hf"}) == ("hf", "hf")
-    # the cheaper and combined configurations are told apart from full ttt-nn at the same k
-    cheap = config(method="ttt-nn", k=5, train_layers=6, neighbour_batch=4, dyneval_iterations=1, dyneval_lr=2e-4)
-    assert _label(cheap)[1] == "ttt-nn k=5 top-6-blocks batch=4 +dyneval x1 dyneval_lr=0.0002"
-    plain = config(method="ttt-nn", k=5, train_layers=None, neighbour_batch=1, dyneval_iterations=0, dyneval_lr=2e-4)
-    assert _label(plain)[1] == "ttt-nn k=5"
-    assert _label(config(method="ttt-nn", k=10, exclude_duplicates=True))[1] == "ttt-nn k=10 no-near-duplicates"
+    assert label_from_args("ttt-nn-dyneval", {"iterations": 1, "log_dir": "/x", "device": "cpu"}) == \
+        "ttt-nn-dyneval iterations=1"
+    given = "pretrained=/m,index=/i,k=10,lr=0.0001,tuned=/t/tune.json,neighbour_cache=/c"
+    assert label_from_args("ttt-nn", given, {"describe": "lr=0.0001 tuned on 8 validation docs"}) == \
+        "ttt-nn k=10 lr=0.0001 (lr=0.0001 tuned on 8 validation docs)"
+    assert label_from_args("hf", {}) == "hf"
 
 
 def test_a_repeated_document_counts_as_often_as_the_harness_counts_it(tiny_lm, corpus_texts, test_docs, tmp_path):
@@ -211,3 +209,59 @@ def test_bits_per_byte_against_seconds_marks_the_pareto_front(results, tmp_path)
 def _report(results, tmp_path) -> Path:
     assert ttt_nn(["report", str(results), "--out", str(tmp_path / "report")]) == 0
     return tmp_path / "report"
+
+
+def test_the_interval_of_two_documents_is_computed_by_hand():
+    """Two documents: a resample holds both of one, or one of each (in either order). Their
+    bits per byte are those of document a alone, of b alone, and of both; at 10,000 resamples
+    the 2.5% and 97.5% quantiles are the two single-document figures."""
+    from lm_eval_ttt.intervals import bits_per_byte_interval, ratio_interval
+
+    a, b = (-100.0, 100), (-300.0, 200)  # 1.443 and 2.164 bits per byte
+    interval = bits_per_byte_interval({"a": a, "b": b})
+    assert interval.value == pytest.approx(400 / (300 * math.log(2)))
+    assert interval.low == pytest.approx(100 / (100 * math.log(2)))
+    assert interval.high == pytest.approx(300 / (200 * math.log(2)))
+    base = {"a": (-200.0, 100), "b": (-300.0, 200)}  # ratios per document: 0.5 and 1.0
+    ratio = ratio_interval({"a": a, "b": b}, base)
+    assert ratio.value == pytest.approx((400 / 300) / (500 / 300))
+    assert (ratio.low, ratio.high) == (pytest.approx(0.5), pytest.approx(1.0)) and ratio.documents == 2
+
+
+def test_identical_runs_have_a_ratio_of_exactly_one_with_no_width():
+    from lm_eval_ttt.intervals import ratio_interval
+
+    rng = np.random.default_rng(1)
+    docs = {i: (float(-rng.uniform(50, 5000)), int(rng.integers(100, 9000))) for i in range(48)}
+    same = ratio_interval(docs, dict(docs))
+    assert (same.value, same.low, same.high, same.documents) == (1.0, 1.0, 1.0, 48)
+    better = ratio_interval({i: (ll * 0.9, n) for i, (ll, n) in docs.items()}, docs)
+    assert better.high < 1 and better.excludes(1.0)  # every document better: separated
+    mixed = {i: (ll * (0.9 if i % 2 else 1.1), n) for i, (ll, n) in docs.items()}
+    assert not ratio_interval(mixed, docs).excludes(1.0)  # half better, half worse: not separated
+
+
+def test_the_base_comes_from_samples_or_a_k0_point(results, tmp_path):
+    """hf's per-document scores come from its --log_samples file; without one, from a ttt-nn
+    run's k=0 point; each run's ratio to it has an interval."""
+    from lm_eval_ttt.report import base_scores, intervals
+
+    runs = load_runs([results])
+    ttt = next(r for r in runs if r.method == "ttt-nn")
+    hf = next(r for r in runs if r.method == "hf")
+    assert hf.scores() == {}  # the fixture's hf results have no samples
+    k0 = base_scores(runs, ttt)
+    assert k0 == ttt.scores(at_k=0) and len(k0) == 2
+    found = intervals(runs, reference=ttt.label)[id(ttt)]
+    assert found.vs_reference.value == found.vs_reference.low == found.vs_reference.high == 1.0
+    hf_file = next((results / "hf").rglob("results_*.json"))
+    stamp = hf_file.stem.removeprefix("results_")
+    samples = hf_file.with_name(f"samples_ttt_stdlib_code_{stamp}.jsonl")
+    samples.write_text("".join(json.dumps({"doc_id": d, "bits_per_byte": [ll * 2, n]}) + "\n"
+                               for (_, d), (ll, n) in k0.items()))
+    try:
+        runs = load_runs([results])
+        hf = next(r for r in runs if r.method == "hf")
+        assert base_scores(runs, ttt) == hf.scores() == {k: (ll * 2, n) for k, (ll, n) in k0.items()}
+    finally:
+        samples.unlink()
