@@ -29,7 +29,7 @@ import numpy as np
 
 from ._proto import knn_pb2, knn_pb2_grpc
 from .manifest import Manifest, ManifestMismatchError
-from .options import IndexOptions
+from .options import TOKEN_ENV, IndexOptions
 from .search import SearchKnobs, SearchResult, check_queries, knobs_of, merge_topk
 from .wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -125,14 +125,18 @@ class _Server:
         return f"{self.address} (shards {shards})"
 
 
-def _describe(error: grpc.RpcError) -> str:
+def _describe(error: grpc.RpcError, token_sent: bool) -> str:
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED and not token_sent:
+        return (f"UNAUTHENTICATED: the server requires a bearer token and none was sent (give the file holding it: "
+                f"index_token_file=PATH in the model arguments, --token-file for ttt-index; or set ${TOKEN_ENV})")
     if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-        return "UNAUTHENTICATED: the server refused the bearer token (check index_token_file / $TTT_NN_INDEX_TOKEN)"
+        return f"UNAUTHENTICATED: the server refused the bearer token (check index_token_file / ${TOKEN_ENV})"
     return f"{error.code().name}: {error.details()}"
 
 
-def _unavailable(server: _Server, method: str, error: grpc.RpcError) -> ShardUnavailableError:
-    return ShardUnavailableError(f"shard server {server.label} failed {method}: {_describe(error)}", error.code())
+def _unavailable(server: _Server, method: str, error: grpc.RpcError, token_sent: bool) -> ShardUnavailableError:
+    return ShardUnavailableError(f"shard server {server.label} failed {method}: {_describe(error, token_sent)}",
+                                 error.code())
 
 
 class GrpcIndex:
@@ -218,7 +222,7 @@ class GrpcIndex:
         try:
             return getattr(server.stub, method)(request, timeout=self.options.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise _unavailable(server, method, e) from e
+            raise _unavailable(server, method, e, bool(self._metadata)) from e
 
     def _revive(self, server: _Server) -> bool:
         """A server that was down at connect time: fetch and check its Info before use."""
@@ -253,8 +257,8 @@ class GrpcIndex:
                 answers[i] = future.result()
             except grpc.RpcError as e:
                 if e.code() not in _TRANSIENT:  # a refusal (bad request, too large, wrong token): never degraded
-                    raise _unavailable(server, method, e) from e
-                errors[i] = _unavailable(server, method, e)
+                    raise _unavailable(server, method, e, bool(self._metadata)) from e
+                errors[i] = _unavailable(server, method, e, bool(self._metadata))
             self._mark(server, i in answers)
         if errors and (self.options.failure_policy == "fail" or not answers):
             raise next(iter(errors.values()))

@@ -108,6 +108,15 @@ class Document:
     line: int
 
 
+def json_problem(e: json.JSONDecodeError, line: str) -> str:
+    """json's message as a sentence: its ``msg`` leaves the position out ("Unterminated string
+    starting at"), so the column goes where the message expects it."""
+    msg = e.msg[0].lower() + e.msg[1:]
+    where = f"{msg} column {e.colno}" if msg.endswith(" at") else f"{msg} at column {e.colno}"
+    return where + (" (a truncated line?)" if e.pos >= len(line.rstrip()) - 1 or msg.startswith("unterminated")
+                    else "")
+
+
 def check_line(raw: bytes) -> tuple[str | None, bool]:
     """Validate one JSONL line. Returns (problem or None, is_empty_document)."""
     try:
@@ -117,7 +126,7 @@ def check_line(raw: bytes) -> tuple[str | None, bool]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        return f"invalid JSON at column {e.colno}: {e.msg} (truncated line?)", False
+        return f"invalid JSON: {json_problem(e, line)}", False
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}", False
     if "text" not in record:

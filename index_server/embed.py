@@ -247,9 +247,9 @@ def embed_part(encoder, layout: EmbeddingsLayout, part: ScannedPart, progress=No
     try:
         for start in range(0, len(order), block):
             rows = order[start : start + block]
-            out[rows] = encoder.encode([encoder.clip(t) for t in store.texts(rows)])
-            if progress is not None:
-                progress.update(len(rows))
+            # the bar moves with every encoder batch, not once per block of texts read
+            out[rows] = encoder.encode([encoder.clip(t) for t in store.texts(rows)],
+                                       on_batch=progress.update if progress is not None else None)
     finally:
         store.close()
     return out

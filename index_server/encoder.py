@@ -11,7 +11,7 @@ the queries at search time, so both sides always share one code path.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,9 +119,11 @@ class TextEncoder:
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return pooled.float().cpu().numpy()
 
-    def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+    def encode(self, texts: Sequence[str], progress: bool = False,
+               on_batch: Callable[[int], object] | None = None) -> np.ndarray:
         """Embed texts as float32 rows. Batches are formed from length-sorted texts to
-        minimise padding; the output keeps the input order."""
+        minimise padding; the output keeps the input order. ``on_batch(n)`` is called after
+        each batch of n texts (a caller's progress bar)."""
         from tqdm.auto import tqdm
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -130,4 +132,6 @@ class TextEncoder:
         for start in tqdm(range(0, len(order), bs), desc="embed", disable=not progress):
             rows = order[start : start + bs]
             out[rows] = self._encode_batch([texts[i] for i in rows])
+            if on_batch is not None:
+                on_batch(len(rows))
         return out

@@ -27,6 +27,7 @@ from .harness import NeighbourLM
 from .retriever import Neighbours
 from .scoring import continuation_scores
 from .settings import (
+    DEFAULT_DYNEVAL_LR,
     ContextSettings,
     DynamicEvalSettings,
     InterpolationSettings,
@@ -142,10 +143,11 @@ class DynamicEvalLM(NeighbourLM):
     def __init__(self, pretrained=None, **kwargs) -> None:
         super().__init__(pretrained=pretrained, **kwargs)
         self.iterations = self.settings_of(DynamicEvalSettings).iterations
+        # one default rate for steps on a document's own windows, whichever model takes them
         self._model, self.trainer = build_trainer(self.model, self.settings_of(TrainSettings),
                                                   max_length=self.max_length,
                                                   seed=self.seed, pad_id=self.tokenizer.pad_token_id or 0,
-                                                  peft_loaded=bool(self.peft))
+                                                  peft_loaded=bool(self.peft), method_lr=DEFAULT_DYNEVAL_LR)
 
     def check_settings(self, hf_kwargs: dict) -> None:
         super().check_settings(hf_kwargs)

@@ -10,7 +10,6 @@ the file, so records of concurrent processes never interleave.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,9 @@ class SkippedLineWarning(UserWarning):
 
 def lock_for(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock")
+
+
+_warned: set[tuple[str, int, int]] = set()  # (file, line, hash of the line): said once per process
 
 
 def read_records(path: Path) -> list[dict]:
@@ -40,21 +42,31 @@ def read_records(path: Path) -> list[dict]:
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
-            last = line_no == len(lines) or (line_no == len(lines) - 1 and not lines[-1])
-            reason = "truncated last record (an interrupted write?)" if last else f"unreadable record ({e})"
-            warnings.warn(f"{path}:{line_no}: {reason}; skipped", SkippedLineWarning, stacklevel=2)
+            key = (str(path), line_no, hash(raw))
+            if key not in _warned:
+                _warned.add(key)
+                last = line_no == len(lines)  # no newline after it: a write cut short
+                reason = "truncated last record (an interrupted write?)" if last else f"unreadable record ({e})"
+                warnings.warn(f"{path}:{line_no}: {reason}; skipped", SkippedLineWarning, stacklevel=2)
             continue
         records.append(record)
     return records
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one record as one line; the caller holds the file's lock."""
+    """Append one record as one line; the caller holds the file's lock. A last line a crash
+    left unfinished (no newline after it) is removed first: it is no record."""
     data = (json.dumps(record) + "\n").encode("utf-8")
     with open(path, "ab+") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                data = b"\n" + data  # end a line left unfinished by a crash
+        size = f.tell()
+        if size > 0:
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                newline = tail.rfind(b"\n")
+                if newline < 0 and size > len(tail):  # a torn line over 1 MiB: end it rather than search further
+                    data = b"\n" + data
+                else:
+                    f.truncate(size - len(tail) + newline + 1)
         f.write(data)
         f.flush()

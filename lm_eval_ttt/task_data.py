@@ -16,6 +16,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from index_server.corpus import json_problem
+
 
 def read_jsonl(path: Path):
     if path.suffix == ".zst":
@@ -30,7 +32,7 @@ def read_jsonl(path: Path):
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from e
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {json_problem(e, line)}") from e
 
 
 def split_at_line(text: str, fraction: float) -> tuple[str, str]:

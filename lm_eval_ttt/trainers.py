@@ -154,15 +154,18 @@ def train_top_layers(model: torch.nn.Module, n: int) -> None:
 
 
 def build_trainer(model: torch.nn.Module, t: TrainSettings, *, max_length: int, seed: int, pad_id: int,
-                  peft_loaded: bool, reset_optimizer: bool = True, neighbour_batch: int = 1
-                  ) -> tuple[torch.nn.Module, Trainer]:
+                  peft_loaded: bool, reset_optimizer: bool = True, neighbour_batch: int = 1,
+                  method_lr: float | None = None) -> tuple[torch.nn.Module, Trainer]:
     """The trainer for the settings, and the model to score with: ``model`` itself, or the
     adapted one when ``adapter=lora`` wraps it. ``peft_loaded``: ``model`` carries a
-    ``peft=`` adapter, which is what trains."""
+    ``peft=`` adapter, which is what trains. ``method_lr``: the method's rate when ``lr`` is
+    not given (None: the paper's rule for the model's size, or LoRA's default)."""
     if peft_loaded:
         _train_loaded_adapter(model)
     if t.lr is not None:
         lr = t.lr
+    elif method_lr is not None:
+        lr = method_lr
     else:
         lr = DEFAULT_LORA_LR if t.adapter == "lora" else default_lr(n_parameters(model))
     config = TTTConfig(lr=lr, max_length=max_length, reset_optimizer=reset_optimizer, precision=t.precision,

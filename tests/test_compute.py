@@ -192,6 +192,18 @@ def test_dynamic_evaluation_without_neighbours_is_ttt_nn_dyneval(tiny_lm, corpus
     assert record["document_steps"] == 2 * (len(record["window_lls"]) - 1)  # two steps per window, not one batch
 
 
+def test_steps_on_the_documents_own_windows_have_one_default_rate(tiny_lm, corpus_texts, test_docs, tmp_path):
+    """`--model ttt-nn-dyneval` and `--model ttt-nn` with dynamic evaluation, each at its defaults,
+    train on the document's windows at the same rate and give the same log-likelihoods."""
+    from lm_eval_ttt.settings import DEFAULT_DYNEVAL_LR
+
+    ours = fake_lm(TTTNNLM, tmp_path / "ttt", tiny_lm, corpus_texts, k=0, dyneval_iterations=1)
+    theirs = make_lm(DynamicEvalLM, tmp_path / "dyneval", tiny_lm, None, iterations=1)
+    assert theirs.trainer.lr == ours.ttt_settings.dyneval_lr == DEFAULT_DYNEVAL_LR
+    docs = requests(test_docs[:2])
+    assert ours.loglikelihood_rolling(docs, disable_tqdm=True) == theirs.loglikelihood_rolling(docs, disable_tqdm=True)
+
+
 @pytest.mark.parametrize("args", [{"adapter": "lora", "lr": 1e-2}, {"select": "sift", "candidates": 20}],
                          ids=["lora", "sift"])
 def test_dynamic_evaluation_after_the_neighbours_works_with_adapters_and_selection(tiny_lm, corpus_texts, test_docs,

@@ -179,8 +179,11 @@ def test_token_is_required_when_configured_and_an_empty_token_is_an_error(sharde
     server, address = start(sharded, token="s3cret")
     token = tmp_path / "token"
     try:
-        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED: the server refused the bearer token"):
+        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED: the server requires a bearer token and none"):
             GrpcIndex((address,), IndexOptions(retries=0))
+        token.write_text("wrong\n")
+        with pytest.raises(ShardUnavailableError, match="UNAUTHENTICATED: the server refused the bearer token"):
+            GrpcIndex((address,), IndexOptions(retries=0, token_file=token))
         token.write_text("s3cret\n")
         client = GrpcIndex((address,), IndexOptions(token_file=token))
         assert client.search(queries[:1], 3).ids.shape == (1, 3)

@@ -64,7 +64,7 @@ def _cut_last_line(path):
     path.write_bytes(data[: len(data) - len(data.splitlines()[-1]) // 2 - 1])  # half a record, no newline
 
 
-def test_truncated_log_and_cache_lines_are_skipped_and_appends_start_on_a_fresh_line(tiny_lm, corpus_texts, test_docs,
+def test_truncated_log_and_cache_lines_are_skipped_and_the_next_append_replaces_them(tiny_lm, corpus_texts, test_docs,
                                                                                       tmp_path):
     lm = fake_lm(TTTNNLM, tmp_path, tiny_lm, corpus_texts, k=2, max_neighbor_tokens=128)
     first = lm.loglikelihood_rolling(requests(test_docs), disable_tqdm=True)
@@ -80,7 +80,7 @@ def test_truncated_log_and_cache_lines_are_skipped_and_appends_start_on_a_fresh_
     assert any(m.startswith(f"{log_file}:3: truncated last record") for m in messages), messages
     assert any(m.startswith(f"{cache_file}:3: truncated last record") for m in messages), messages
     lines = log_file.read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[3])["results"] == [first[2]]  # not glued onto the broken line
+    assert len(lines) == 3 and json.loads(lines[2])["results"] == [first[2]]  # the torn line gave way to it
     assert all(json.loads(line) for line in cache_file.read_text().splitlines()[3:])
 
 
