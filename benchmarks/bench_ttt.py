@@ -12,12 +12,14 @@ Three measurements on the same documents, in one run:
 3. A reference-style loop (socialfoundations/tttlm): weights restored with load_state_dict
    from a deep copy, the document re-scored after every neighbour with the full
    log-softmax copied to the CPU. Speed-up = (3) / (1); the final bits per byte agree.
-4. Configurations (``--configs``): seconds per document and bits per byte of each on the
-   same documents, its speed-up over (3), and the cheapest one whose bits per byte is at
-   least as good as (3)'s (to 1e-6 relative: the default equals it to rounding). Each runs at
-   the rate ``docs/compare.sh`` chose for it on validation documents when ``--compare DIR``
-   holds that tune (else at the default rate); the reference loop runs at the default
-   configuration's rate.
+4. Configurations: seconds per document and bits per byte of every ``ttt-nn`` method of an
+   experiment file (``--experiment``, default ``docs/experiments/bundled.toml``; ``--configs``
+   picks labels) on the same documents, its speed-up over (3), and the cheapest one whose bits
+   per byte is at least as good as (3)'s (to 1e-6 relative: ``--default``, the configuration
+   that loop mirrors, equals it to rounding). Each runs with the method's declared arguments at
+   the values the experiment's tune records hold (``ttt-nn compare``), or ``--chosen
+   LABEL=VALUE`` where no record is on this machine, without its curve's extra scoring passes
+   (``eval_at_k``); k, the neighbour cap and the documents are the benchmark's.
 
 ``--synthetic`` trains on synthetic neighbours of exactly ``--max-length`` tokens (random
 token ids, indexed like any corpus) instead of the bundled code neighbours: the paper's
@@ -38,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import WORK, bundled_corpus, parser, report, write_json  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.utils import simple_parse_args_string  # noqa: E402
 
 from lm_eval_ttt.documents import ROLLING  # noqa: E402
 from lm_eval_ttt.metrics import bits_per_byte, utf8_bytes  # noqa: E402
@@ -48,17 +51,9 @@ from lm_eval_ttt.ttt import chunk_tokens, make_adamw  # noqa: E402
 # The paper's seconds per neighbour on one A100 (GPT-2 117M, GPT-2-large 774M), 1024-token
 # chunks, including one re-scoring of the document per neighbour.
 PAPER_SECONDS_PER_NEIGHBOUR = {"GPT-2 117M (A100)": 5.45, "GPT-2-large 774M (A100)": 18.7}
-# name -> (model arguments, the docs/compare.sh tunes whose chosen values it takes: {argument: tune})
-CONFIGS = {
-    "default": ({}, {"lr": "ttt-nn"}),
-    "train_layers=6": ({"train_layers": 6}, {"lr": "top"}),
-    "lora": ({"adapter": "lora"}, {"lr": "lora"}),
-    "neighbour_batch=4": ({"neighbour_batch": 4}, {"lr": "ttt-nn"}),
-    "k=5": ({"k": 5}, {"lr": "k5"}),
-    "combined": ({"dyneval_iterations": 1}, {"lr": "ttt-nn", "dyneval_lr": "combined"}),
-    "train_layers=6 k=5 combined": ({"train_layers": 6, "k": 5, "dyneval_iterations": 1},
-                                    {"lr": "top", "dyneval_lr": "top-combined"}),
-}
+# Set by the benchmark (its documents, k, neighbours and logs), or a curve's scoring passes.
+BENCH_SETS = {"pretrained", "index", "max_length", "max_neighbor_tokens", "log_dir", "tuned", "eval_at_k", "device",
+              "batch_size"}
 SAME_BPB = 1e-6  # relative: the default configuration reproduces the reference loop up to float rounding
 
 
@@ -157,16 +152,21 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--synthetic", action="store_true", help="synthetic neighbours of exactly --max-length tokens")
     p.add_argument("--skip-reference", action="store_true", help="skip the reference-style loop")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations to compare, of {', '.join(CONFIGS)}")
-    p.add_argument("--compare", type=Path, default=Path("work/compare"),
-                   help="docs/compare.sh output whose tunes give each configuration its rate (default: %(default)s)")
-    p.add_argument("--chosen", nargs="*", default=[], metavar="TUNE=VALUE",
-                   help="values docs/compare.sh was given by CHOSEN= for tunes it did not run (e.g. ttt-nn=1e-4)")
+    p.add_argument("--experiment", type=Path, default=Path("docs/experiments/bundled.toml"),
+                   help="experiment file whose ttt-nn methods are the configurations (default: %(default)s)")
+    p.add_argument("--configs", help="labels of the experiment's methods to compare (default: every ttt-nn method)")
+    p.add_argument("--default", default="nearest",
+                   help="the configuration the reference-style loop mirrors (default: %(default)s)")
+    p.add_argument("--chosen", nargs="*", default=[], metavar="LABEL=VALUE",
+                   help="values for tunes whose records are not on this machine (e.g. nearest=1e-4)")
     args = p.parse_args()
     if any("=" not in kv for kv in args.chosen):
-        p.error(f"--chosen takes TUNE=VALUE pairs, got {args.chosen}")
-    given = dict(kv.split("=", 1) for kv in args.chosen)
-    configs = {name: resolve(name, args.compare, given) for name in args.configs.split(",") if name}
+        p.error(f"--chosen takes LABEL=VALUE pairs, got {args.chosen}")
+    configs = configurations(args.experiment, args.configs.split(",") if args.configs else None,
+                             dict(kv.split("=", 1) for kv in args.chosen))
+    if args.default not in configs:
+        p.error(f"--default {args.default!r} is not among the configurations {', '.join(configs)}")
+    configs = {args.default: configs.pop(args.default), **configs}
     from lm_eval_ttt.assets import bundled_lm_path
 
     texts = [json.loads(line)["text"] for line in open(bundled_corpus() / "stdlib_code.test.jsonl", encoding="utf-8")]
@@ -181,7 +181,7 @@ def main() -> None:
         base = dict(k=args.k, max_length=args.max_length, max_neighbor_tokens=args.cap, index=index, log_dir=logs,
                     neighbour_cache=str(Path(logs) / "cache"), device=args.device, batch_size=1, seed=1,
                     precision=args.precision, dtype="float32")
-        lm = TTTNNLM(**base, **configs.get("default", {}))
+        lm = TTTNNLM(**{**base, **configs[args.default]})
         lm.retriever.prefetch(texts, lm.retriever.fetch_k(args.k), progress=False)  # as the base loop does
         lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up: allocator, kernels
         for f in Path(logs).glob("*.jsonl"):
@@ -227,26 +227,33 @@ def main() -> None:
         out.append({"part": "reference-style loop", "seconds_per_document": reference_wall / len(texts),
                     "ratio_to_pure_compute": reference_wall / pure_total, "speedup": reference_wall / ours_wall,
                     "bits_per_byte": ref_bpb})
-        measured = {"default": (lm.trainer.lr, ours_wall / len(texts), ours_bpb)}  # measured above: not run twice
+        measured = {args.default: (lm.trainer.lr, ours_wall / len(texts), ours_bpb)}  # measured above: not run twice
         out += compare_configs(configs, base, requests, texts, reference_wall / len(texts), ref_bpb, args.device,
                                measured)
     write_json(args.json, out)
 
 
-def resolve(name: str, compare: Path, given: dict[str, str]) -> dict:
-    """A configuration's model arguments, with the values docs/compare.sh chose for it (its
-    tune.json, else the value it was given)."""
-    if name not in CONFIGS:
-        raise SystemExit(f"unknown configuration {name!r}; one of {', '.join(CONFIGS)}")
-    args, tunes = CONFIGS[name]
-    chosen = {}
-    for argument, tune in tunes.items():
-        path = compare / "tune" / tune / "tune.json"
-        if path.is_file():
-            chosen[argument] = json.loads(path.read_text())["chosen"]
-        elif tune in given:
-            chosen[argument] = float(given[tune])
-    return {**args, **chosen}
+def configurations(path: Path, labels: list[str] | None, chosen: dict[str, str]) -> dict[str, dict]:
+    """label -> model arguments of the experiment's ttt-nn methods: declared, with the values
+    their tune records hold (or ``chosen``), without what the benchmark sets itself."""
+    from lm_eval_ttt.compare import Comparison
+    from lm_eval_ttt.experiment import load
+
+    experiment = load(path)
+    comparison = Comparison(experiment, echo=lambda *a: None)
+    for label, value in chosen.items():
+        comparison.give(label, value, write=False)  # the benchmark leaves the experiment's records alone
+    out = {}
+    for m in experiment.methods:
+        if m.model != "ttt-nn" or (labels is not None and m.label not in labels):
+            continue
+        args = comparison.run_args(m)
+        if args is None:
+            raise SystemExit(f"{m.label}: no tune record under {experiment.out} and no --chosen value for it or the "
+                             f"tunes it takes values from ({', '.join(m.needs())})")
+        args = simple_parse_args_string(args)
+        out[m.label] = {k: v for k, v in args.items() if k not in BENCH_SETS}
+    return out
 
 
 def time_config(base: dict, args: dict, name: str, requests, texts, device: str) -> tuple[float, float, float]:
@@ -281,7 +288,7 @@ def compare_configs(configs: dict, base: dict, requests, texts, reference_s: flo
            f"{reference_bpb:.6f} bits per byte", ["configuration", "arguments", "lr", "s/doc", "bits/byte",
                                                   "x reference", "as good"],
            [list(r.values()) for r in rows])
-    default = next((r for r in rows if r["configuration"] == "default"), None)
+    default = rows[0] if rows else None  # the configuration the reference loop mirrors
     good = [r for r in rows if r["as_good_as_reference"]]
     cheapest = min(good, key=lambda r: r["seconds_per_document"]) if good else None
     if default:

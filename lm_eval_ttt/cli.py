@@ -55,20 +55,38 @@ def _run_lm_eval(model: str, model_args: str, args: argparse.Namespace, output: 
     return latest_results(output)
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    lm = bundled_lm_path()
-    index = ensure_default_index()
+def demo_runs(args: argparse.Namespace, lm: Path, index: Path) -> list[tuple[str, str, str, str]]:
+    """(output folder, label, harness model, model arguments) of the demo's rows: the stock
+    model, ttt-nn at the paper's untuned rate, and the configuration the comparisons recommend
+    for its cost."""
+    from .compare import format_args
+    from .settings import RECOMMENDED
+
     common = f"pretrained={lm},max_length={args.max_length}"
-    base = _run_lm_eval("hf", common, args, args.out / "hf")
-    ttt = _run_lm_eval("ttt-nn", f"{common},index={index},k={args.k},max_neighbor_tokens={args.max_neighbor_tokens}",
-                       args, args.out / "ttt-nn")
-    rows = {"hf (k=0)": task_metrics(base, args.task), f"ttt-nn (k={args.k})": task_metrics(ttt, args.task)}
+    paper = f"{common},index={index},k={args.k},max_neighbor_tokens={args.max_neighbor_tokens}"
+    recommended = f"{common},index={index},max_neighbor_tokens={args.max_length},{format_args(RECOMMENDED)}"
+    return [("hf", "hf (k=0)", "hf", common), ("ttt-nn", f"ttt-nn (k={args.k})", "ttt-nn", paper),
+            ("recommended", f"recommended (k={RECOMMENDED['k']})", "ttt-nn", recommended)]
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .settings import RECOMMENDED
+
+    runs = demo_runs(args, bundled_lm_path(), ensure_default_index())
+    rows = {label: task_metrics(_run_lm_eval(model, model_args, args, args.out / name), args.task)
+            for name, label, model, model_args in runs}
     print(f"\n{args.task}, first {args.limit} held-out documents, max_length={args.max_length}")
-    print(f"{'model':<16}" + "".join(f"{m:>18}" for m in METRICS))
+    print(f"{'model':<22}" + "".join(f"{m:>18}" for m in METRICS))
     for name, metrics in rows.items():
-        print(f"{name:<16}" + "".join(f"{metrics[m]:>18.4f}" for m in METRICS))
-    kept = rows[f"ttt-nn (k={args.k})"]["bits_per_byte"] / rows["hf (k=0)"]["bits_per_byte"]
-    print(f"ttt-nn keeps {kept:.1%} of the base model's bits per byte")
+        print(f"{name:<22}" + "".join(f"{metrics[m]:>18.4f}" for m in METRICS))
+    base = rows["hf (k=0)"]["bits_per_byte"]
+    paper, recommended = (label for _, label, _, _ in runs[1:])
+    print(f"{paper} at the paper's untuned rate keeps {rows[paper]['bits_per_byte'] / base:.1%} of the base model's "
+          f"bits per byte")
+    print(f"{recommended}: the top {RECOMMENDED['train_layers']} blocks train on {RECOMMENDED['k']} neighbours, then "
+          f"dynamic evaluation on the document (rates {RECOMMENDED['lr']:g} and {RECOMMENDED['dyneval_lr']:g}, chosen "
+          f"on validation documents: docs/compare/validation.md); it keeps "
+          f"{rows[recommended]['bits_per_byte'] / base:.1%}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

@@ -156,8 +156,9 @@ class Comparison:
             return None  # declared otherwise since: tuned again (the logs keep what still applies)
         return record
 
-    def give(self, label: str, value) -> TuneRecord:
-        """``--chosen LABEL=VALUE``: a record of a value given instead of tuned."""
+    def give(self, label: str, value, write: bool = True) -> TuneRecord:
+        """``--chosen LABEL=VALUE``: a record of a value given instead of tuned (``write``:
+        kept under the experiment's tune directory, else for this process only)."""
         m = self.experiment.method(label)
         if m.tune is None:
             raise CompareError(f"--chosen {label}={value}: method {label!r} tunes nothing")
@@ -166,7 +167,8 @@ class Comparison:
                             reason="given with --chosen", grid=tuple(m.tune.grid))
         old = self.records.get(label)
         if old is None or old.source != GIVEN or not _same(old.value, value):
-            record.write(self.experiment.tune_dir(label) / "tune.json")
+            if write:
+                record.write(self.experiment.tune_dir(label) / "tune.json")
             self.records[label] = record
         return self.records[label]
 

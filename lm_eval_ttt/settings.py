@@ -40,6 +40,11 @@ DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 1e-3, 20
 # alike: chosen by `ttt-nn tune` for ttt-nn-dyneval on the bundled validation documents, and
 # by the combined tune (k=10) for dyneval_lr (docs/compare/validation.md).
 DEFAULT_DYNEVAL_LR = 2e-4
+# What the comparisons recommend for its cost (README "Comparing methods"): the top 6 blocks of
+# the bundled SmolLM2-135M train, on 5 neighbours, then dynamic evaluation on the document. Its
+# rates were chosen on the bundled index's validation documents (docs/compare/validation.md:
+# the tunes "top" and "top-combined"); `ttt-nn demo` shows it beside the paper's untuned rate.
+RECOMMENDED = {"k": 5, "train_layers": 6, "lr": 2e-4, "dyneval_iterations": 1, "dyneval_lr": 5e-4}
 # Training and scoring arithmetic: precision name -> torch dtype name (None: fp32 throughout).
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 

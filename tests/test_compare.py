@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from lm_eval_ttt.cli import build_parser, tune_config
+from lm_eval_ttt.cli import build_parser, demo_runs, tune_config
 from lm_eval_ttt.compare import Comparison, steps, tune_argv
 from lm_eval_ttt.compare import run as compare
 from lm_eval_ttt.experiment import ExperimentError, load
@@ -202,3 +202,20 @@ def test_compare_end_to_end_on_the_tiny_model(write_experiment, tmp_path, defaul
     assert "6 of 6 steps already done" in again and "$ " not in again
     assert run("ttt-nn", "compare", str(path), "--plan").stdout.startswith("# nothing left to run")
     assert (e.report_dir / "report.md").read_text() == report
+
+
+def test_the_demo_shows_the_recommended_configuration_with_valid_arguments(tmp_path):
+    """make demo's third row: the configuration the comparisons recommend, at rates chosen on
+    validation documents (settings.RECOMMENDED), checked like any --model_args."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from lm_eval_ttt.model import TTTNNLM
+    from lm_eval_ttt.settings import RECOMMENDED, parse_model_args
+
+    args = build_parser().parse_args(["demo"])
+    runs = demo_runs(args, tmp_path / "lm", tmp_path / "index")
+    assert [(name, model) for name, _, model, _ in runs] == [("hf", "hf"), ("ttt-nn", "ttt-nn"),
+                                                              ("recommended", "ttt-nn")]
+    given = simple_parse_args_string(runs[2][3])
+    assert {k: given[k] for k in RECOMMENDED} == RECOMMENDED and given["max_length"] == args.max_length
+    parse_model_args(TTTNNLM.setting_groups, given)  # raises on an unknown or invalid argument
