@@ -130,6 +130,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         print("\n".join(result) if result else "# nothing left to run: ttt-nn compare --report-only writes the report")
 
 
+def _cmd_arguments(args: argparse.Namespace) -> None:
+    from .settings import arguments_table
+
+    print(arguments_table(), end="")
+
+
 def _cmd_paths(args: argparse.Namespace) -> None:
     print(f"bundled_lm={bundled_lm_path()}")
     print(f"task_configs={task_configs_dir() / 'ttt'}")
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true",
                       help="run nothing: write the report from the tunes and runs finished so far")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("arguments", help="print every model argument of ttt-nn and its baselines, with its default "
+                                         "and meaning (the README's table)")
+    p.set_defaults(func=_cmd_arguments)
     p = sub.add_parser("paths",
                        help="print where the bundled model and the task configs are (for --model hf / --include_path)")
     p.add_argument("--index", action="store_true", help="also prepare and print the default index")

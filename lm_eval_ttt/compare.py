@@ -34,7 +34,7 @@ from lm_eval.utils import simple_parse_args_string
 
 from .assets import bundled_lm_path
 from .experiment import HF, Chosen, Experiment, Method, accepted, retrieves
-from .report import Run, documents_sidecar, load_results, name_models, write_report
+from .report import Run, documents_sidecar, load_results, name_models, pairwise_table, write_report
 from .tune import TuneConfig, budget, record_args, run_tune
 from .tunerecord import GIVEN, TuneRecord, TuneRecordError
 
@@ -265,14 +265,17 @@ def _seconds_per_doc(c: Comparison, label: str) -> float | None:
     record = c.records.get(label)
     if record is not None and record.rows and record.validation:
         return sum(r.seconds for r in record.rows) / (len(record.rows) * record.validation.count)
-    return None
+    file = c.results_file(c.experiment.method(label))
+    costs = [run.seconds_per_document for run in load_results(file)] if file is not None else []
+    return costs[0][0] if costs and costs[0] is not None else None
 
 
 def _time_left(c: Comparison, todo: list[Step]) -> str:
     known = {s.label: _seconds_per_doc(c, s.label) for s in todo}
-    rates = [v for v in known.values() if v]
+    done = [_seconds_per_doc(c, m.label) for m in c.experiment.methods if m.label not in known]
+    rates = [v for v in [*known.values(), *done] if v]
     if not rates:
-        return "time left: unknown until a method's tune has run"
+        return "time left: unknown until a step has run"
     fallback = sum(rates) / len(rates)
     seconds = sum(_pending_docs(c, s) * (known[s.label] or fallback) for s in todo)
     return f"about {seconds / 60:.0f} min left (from the seconds per document measured so far)"
@@ -364,8 +367,11 @@ def _report(c: Comparison, echo) -> tuple[str, list[Path]]:
         raise CompareError(f"no finished run of {e.path} under {e.out}; run `ttt-nn compare {e.path}` first")
     missing = [m.label for m in e.methods if not any(r.label == m.label for r in runs)]
     reference = e.reference if e.reference in {r.label for r in runs} else None
+    pairs = pairwise_table(runs)
+    appendix = (("## Every pair\n\nBits per byte of the row's method over the column's, paired 95% interval; * where "
+                 "it excludes 1.\n\n" + pairs + "\n") if pairs else "") + _tunes(c)
     table, plots = write_report(runs, e.report_dir, reference, title=f"ttt-nn compare: {e.name}",
-                                preface=_preface(c, missing), appendix=_tunes(c))
+                                preface=_preface(c, missing), appendix=appendix)
     echo(table)
     echo("written: " + ", ".join(str(p) for p in [e.report_dir / "report.md", *plots]))
     return table, plots

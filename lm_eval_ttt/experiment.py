@@ -142,8 +142,9 @@ def _close(name: str, valid) -> str:
 
 
 class _Reader:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, check_paths: bool = True):
         self.path = path
+        self.check_paths = check_paths
 
     def fail(self, where: str, problem: str, fix: str = "") -> ExperimentError:
         return ExperimentError(f"{self.path}: {where}: {problem}" + (f"; {fix}" if fix else ""))
@@ -165,10 +166,12 @@ class _Reader:
         return value
 
 
-def load(path: str | Path) -> Experiment:
-    """Read and check an experiment file (see the module docstring); nothing runs."""
+def load(path: str | Path, check_paths: bool = True) -> Experiment:
+    """Read and check an experiment file (see the module docstring); nothing runs.
+    ``check_paths=False`` leaves out the checks that the index and data files exist (a file
+    checked on a machine without its data)."""
     path = Path(path)
-    r = _Reader(path)
+    r = _Reader(path, check_paths)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -207,11 +210,11 @@ def _test(r: _Reader, table) -> TestDocuments:
     limit = r.typed("[test] limit", table.get("limit"), int, "an integer")
     metadata = r.typed("[test] metadata", table.get("metadata", {}), dict, "a table")
     corpus = metadata.get("corpus_file")
-    if corpus is not None and not Path(corpus).expanduser().is_file():
+    if r.check_paths and corpus is not None and not Path(corpus).expanduser().is_file():
         raise r.fail("[test] metadata.corpus_file", f"{corpus} does not exist",
                      "make the corpus splits first (`ttt-index corpus ... --out DIR`)")
     include = r.typed("[test] include_path", table.get("include_path"), str, "a directory")
-    if include is not None and not Path(include).is_dir():
+    if r.check_paths and include is not None and not Path(include).is_dir():
         raise r.fail("[test] include_path", f"{include} is not a directory", "give the folder of the task YAML")
     return TestDocuments(task=task, limit=limit, metadata=metadata, include_path=include)
 
@@ -224,7 +227,7 @@ def _validation(r: _Reader, table) -> ValidationBudget:
             values[name] = r.typed(f"[validation] {name}", table[name], int, "an integer")
     if "file" in table:
         values["file"] = r.typed("[validation] file", table["file"], str, "a path")
-        if not Path(values["file"]).expanduser().is_file():
+        if r.check_paths and not Path(values["file"]).expanduser().is_file():
             raise r.fail("[validation] file", f"{values['file']} does not exist",
                          "give the validation split `ttt-index corpus` wrote, or leave file out to draw from the "
                          "index's own corpus")
@@ -305,10 +308,10 @@ def _check(r: _Reader, e: Experiment) -> None:
             raise r.fail(f"[experiment] {name}", f"no method is labelled {label!r}{_close(label, seen)}")
     if e.base is None and sum(m.model == HF for m in e.methods) > 1:
         raise r.fail("[experiment] base", "several hf methods", "say which is the base: base = \"LABEL\"")
-    if e.index is not None and (problem := spec_problem(e.index)):
+    if r.check_paths and e.index is not None and (problem := spec_problem(e.index)):
         raise r.fail("[experiment] index", problem)
     local = e.pretrained is not None and e.pretrained.startswith((".", "/", "~"))  # else a hub id
-    if local and not Path(e.pretrained).expanduser().exists():
+    if r.check_paths and local and not Path(e.pretrained).expanduser().exists():
         raise r.fail("[experiment] pretrained", f"{e.pretrained} does not exist", "give a model directory or hub id")
     takers = set()
     for m in e.methods:
@@ -328,25 +331,26 @@ def _check(r: _Reader, e: Experiment) -> None:
                 if source is None or ALIASES.get(source.param, source.param) != ALIASES.get(name, name):
                     raise r.fail(f"{where} args.{name}", f"method {value.label!r} tunes no {name}",
                                  f"point at a method whose tune.param is {name}")
-        concrete = {k: (0.001 if isinstance(v, Chosen) else v) for k, v in m.args.items()}  # refs: checked above
-        _model_args(r, where + " args", m.model, {**accepted(m.model, e.args), **concrete})
+        # a reference stands for a value of the grid it points at (each of which is checked there)
+        concrete = {k: (e.method(v.label).tune.grid[0] if isinstance(v, Chosen) else v) for k, v in m.args.items()}
+        if problem := _args_problem(m.model, {**accepted(m.model, e.args), **concrete}):
+            raise r.fail(where + " args", problem)
         if m.tune is not None:
             if m.model == HF:
                 raise r.fail(f"{where} tune", "hf has nothing to tune", "drop tune from the hf method")
             for value in m.tune.grid:
-                try:
-                    _model_args(r, f"{where} tune.grid", m.model,
-                                {**accepted(m.model, e.args), **concrete, m.tune.param: value})
-                except ExperimentError as error:
-                    raise r.fail(f"{where} tune.grid value {value!r}", str(error).split(": ", 2)[-1]) from None
+                if problem := _args_problem(m.model, {**accepted(m.model, e.args), **concrete, m.tune.param: value}):
+                    raise r.fail(f"{where} tune.grid value {value!r}", problem)
     _no_cycle(r, e)
 
 
-def _model_args(r: _Reader, where: str, model: str, args: dict) -> None:
+def _args_problem(model: str, args: dict) -> str | None:
+    """What ``--model_args`` would refuse in these arguments (names, types, bounds), or None."""
     try:
         parse_model_args(setting_groups(model), json.loads(json.dumps(args)))
     except ModelArgumentError as error:
-        raise r.fail(where, str(error)) from None
+        return str(error)
+    return None
 
 
 def _no_cycle(r: _Reader, e: Experiment) -> None:

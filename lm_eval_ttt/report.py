@@ -244,7 +244,7 @@ def markdown_table(runs: list[Run], reference: str | None = None) -> str:
     lines = ["| task | method | documents | bits/byte [95% CI] | byte ppl | word ppl | bpb vs hf [95% CI] |"
              + (f" bpb{ref} [95% CI] |" if reference else "") + " steps/doc | wall s |",
              "|---|---|---|---|---|---|---|" + ("---|" if reference else "") + "---|---|"]
-    for run in sorted(runs, key=lambda r: (r.task, r.method != "hf", r.label)):
+    for run in sorted(runs, key=lambda r: (r.task, r.method != "hf")):  # else in the order given
         m, iv = run.metrics, found[id(run)]
         bpb = f"{m['bits_per_byte']:.4f}" + (f" [{iv.bits_per_byte.low:.4f}, {iv.bits_per_byte.high:.4f}]"
                                              if iv.bits_per_byte else "")
@@ -255,6 +255,23 @@ def markdown_table(runs: list[Run], reference: str | None = None) -> str:
                      + (f" {_ratio(iv.vs_reference)} |" if reference else "")
                      + f" {'-' if steps is None else f'{steps:.1f}'} | {wall} |")
     return "\n".join(lines) + "\n"
+
+
+def pairwise_table(runs: list[Run]) -> str:
+    """Each task's runs against each other: the bits per byte of the row's run over the
+    column's, with its paired 95% interval (* where it excludes 1: the two are told apart)."""
+    out = []
+    for task in sorted({r.task for r in runs}):
+        scored = [r for r in runs if r.task == task and r.scores()]
+        if len(scored) < 2:
+            continue
+        out += [f"| {task}: row / column | " + " | ".join(r.label for r in scored) + " |",
+                "|---|" + "---|" * len(scored)]
+        for row in scored:
+            cells = ["" if row is col else _ratio(ratio_interval(row.scores(), col.scores())) for col in scored]
+            out.append(f"| {row.label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def curve_points(run: Run) -> list[tuple[int, float, float]]:

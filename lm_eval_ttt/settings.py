@@ -365,3 +365,22 @@ def hf_scoring_values(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
 def help_rows(groups) -> list[tuple[str, Any, str]]:
     """(name, default, help) of every argument of the given groups, for the CLI and docs."""
     return [(f.name, f.default, f.metadata["help"]) for g in groups for f in dataclasses.fields(g)]
+
+
+# The order the README's argument table lists the groups in.
+DOCUMENTED_GROUPS = (NeighbourSettings, RunSettings, TrainSettings, TTTSettings, ContextSettings,
+                     InterpolationSettings, DynamicEvalSettings)
+
+
+def arguments_table() -> str:
+    """The Markdown table of every model argument, its default and its help (the README's,
+    which a test compares with this; ``ttt-nn arguments`` prints it)."""
+    def cell(default) -> str:
+        return "-" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+
+    names = {v: k for k, v in ALIASES.items()}
+    rows = ["| argument | default | meaning |", "|---|---|---|",
+            "| `pretrained` | bundled SmolLM2-135M | HF causal LM, hub id or path (and every other HFLM argument) |"]
+    rows += [f"| `{names.get(name, name)}` | {cell(default)} | {text} |"
+             for name, default, text in help_rows(DOCUMENTED_GROUPS)]
+    return "\n".join(rows) + "\n"

@@ -190,15 +190,17 @@ def run_tune(config: TuneConfig, echo=print) -> TuneRecord:
 
     names = known_names([NeighbourSettings])
     (settings,) = parse_model_args((NeighbourSettings,), {k: v for k, v in config.model_args.items() if k in names})[0]
-    spec = settings.index if settings.index is not None else str(ensure_default_index())
-    index = open_index(spec, settings.index_options())  # the run's token, TLS, corpus root, timeout
-    try:
-        identity = index.manifest.identity
-        if config.validation_file is None:
-            documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
-    finally:
-        index.close()
     retrieves = NeighbourSettings in model_class(config.method).setting_groups
+    identity = None  # a method that retrieves nothing, tuned on a validation file, needs no index
+    if retrieves or config.validation_file is None:
+        spec = settings.index if settings.index is not None else str(ensure_default_index())
+        index = open_index(spec, settings.index_options())  # the run's token, TLS, corpus root, timeout
+        try:
+            identity = index.manifest.identity
+            if config.validation_file is None:
+                documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
+        finally:
+            index.close()
     config = replace(config, model_args=record_args(config))
     if config.validation_file is not None:
         documents = file_documents(config.validation_file, config.docs, config.seed, config.min_chars, config.max_chars)

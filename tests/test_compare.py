@@ -187,6 +187,7 @@ def test_compare_end_to_end_on_the_tiny_model(write_experiment, tmp_path, defaul
     assert "bits/byte [95% CI]" in report and "bpb vs dyneval [95% CI]" in report
     assert "| nearest | lr |" in report and "tuned on 2 validation docs" in report
     assert "the k=2 nearest neighbours, nearest first" in report
+    assert "| ttt_corpus: row / column | hf | dyneval | nearest | combined |" in report  # every pair
     nearest = TuneRecord.read(e.tune_dir("nearest") / "tune.json")
     assert nearest.tuned and nearest.validation.count == 2 and len(nearest.rows) == 2
     texts = [json.loads(line)["text"] for line in (default_corpus / "stdlib_code.test.jsonl").open()]

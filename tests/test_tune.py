@@ -255,3 +255,18 @@ def test_tune_records_written_before_the_record_type_are_read(tmp_path):
     (tmp_path / "bad.json").write_text('{"chosen": 1}')
     with pytest.raises(TuneRecordError, match=r"bad.json: not a tune record"):
         TuneRecord.read(tmp_path / "bad.json")
+
+
+def test_a_method_without_neighbours_tuned_on_a_validation_file_opens_no_index(tiny_lm, default_corpus, tmp_path,
+                                                                               monkeypatch):
+    """It built the bundled index (minutes on a fresh machine) only to record its identity."""
+    from lm_eval_ttt import assets
+
+    monkeypatch.setattr(assets, "ensure_default_index", lambda: pytest.fail("the default index was opened"))
+    split = tmp_path / "validation.jsonl"
+    split.write_text((default_corpus / "python_docs.test.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    config = TuneConfig(method="ttt-nn-dyneval", param="lr", grid=(1e-3,), docs=1, out=tmp_path / "t",
+                        validation_file=split, min_chars=300, max_chars=4000,
+                        model_args={"pretrained": str(tiny_lm), "max_length": 64, "device": "cpu", "batch_size": 1})
+    record = run_tune(config, echo=lambda *a: None)
+    assert record.validation.index is None and record.validation.file == str(split) and record.rows[0].steps > 0
