@@ -240,9 +240,7 @@ def configurations(path: Path, labels: list[str] | None, chosen: dict[str, str])
     from lm_eval_ttt.experiment import load
 
     experiment = load(path)
-    comparison = Comparison(experiment, echo=lambda *a: None)
-    for label, value in chosen.items():
-        comparison.give(label, value, write=False)  # the benchmark leaves the experiment's records alone
+    comparison = Comparison(experiment, chosen, write=False)  # the benchmark leaves the experiment's records alone
     out = {}
     for m in experiment.methods:
         if m.model != "ttt-nn" or (labels is not None and m.label not in labels):

@@ -35,7 +35,7 @@ from lm_eval.utils import simple_parse_args_string
 from .assets import bundled_lm_path
 from .experiment import HF, Chosen, Experiment, Method, accepted, retrieves
 from .report import Run, documents_sidecar, load_results, name_models, pairwise_table, write_report
-from .tune import TuneConfig, budget, record_args, run_tune
+from .tune import TuneConfig, budget, invalid, record_args, run_tune
 from .tunerecord import GIVEN, TuneRecord, TuneRecordError
 
 
@@ -60,18 +60,29 @@ def _same(a, b) -> bool:
     return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
-@dataclass
 class Comparison:
-    """An experiment and the tune records found for it so far."""
+    """An experiment and its tune records: those on disk that answer the declaration, and the
+    values given with ``--chosen`` (written as records marked given unless ``write=False``)."""
 
-    experiment: Experiment
-    echo: object = print
-
-    def __post_init__(self) -> None:
+    def __init__(self, experiment: Experiment, chosen: dict[str, str] | None = None, write: bool = True):
+        self.experiment = experiment
         self.records: dict[str, TuneRecord] = {}
-        for step in steps(self.experiment):  # a tune after those it takes values from
-            if step.kind == "tune" and (record := self._stored(self.experiment.method(step.label))) is not None:
+        chosen = dict(chosen or {})
+        for label in chosen:
+            if label not in experiment.labels:
+                raise CompareError(f"{experiment.path}: no method is labelled {label!r}; the labels are "
+                                   f"{', '.join(experiment.labels)}")
+        # a tune after those it takes values from, so a record is checked against the values
+        # its arguments take now (a value given here included)
+        for step in steps(experiment):
+            if step.kind != "tune":
+                continue
+            if step.label in chosen:
+                self.records[step.label] = self._give(experiment.method(step.label), chosen.pop(step.label), write)
+            elif (record := self._stored(experiment.method(step.label))) is not None:
                 self.records[step.label] = record
+        if chosen:
+            raise CompareError(f"--chosen {', '.join(chosen)}: these methods tune nothing")
 
     # -- arguments ---------------------------------------------------------------------------
     def _declared(self, m: Method) -> dict | None:
@@ -156,21 +167,20 @@ class Comparison:
             return None  # declared otherwise since: tuned again (the logs keep what still applies)
         return record
 
-    def give(self, label: str, value, write: bool = True) -> TuneRecord:
-        """``--chosen LABEL=VALUE``: a record of a value given instead of tuned (``write``:
-        kept under the experiment's tune directory, else for this process only)."""
-        m = self.experiment.method(label)
-        if m.tune is None:
-            raise CompareError(f"--chosen {label}={value}: method {label!r} tunes nothing")
-        (value,) = simple_parse_args_string(f"v={value}").values()
+    def _give(self, m: Method, text: str, write: bool) -> TuneRecord:
+        """``--chosen LABEL=VALUE``: a record of a value given instead of tuned, checked as the
+        method's argument before it is kept."""
+        (value,) = simple_parse_args_string(f"v={text}").values()
+        if problem := invalid(m.model, m.tune.param, value):
+            raise CompareError(f"--chosen {m.label}={text}: {problem}")
         record = TuneRecord(method=m.model, param=m.tune.param, value=value, source=GIVEN,
                             reason="given with --chosen", grid=tuple(m.tune.grid))
-        old = self.records.get(label)
-        if old is None or old.source != GIVEN or not _same(old.value, value):
-            if write:
-                record.write(self.experiment.tune_dir(label) / "tune.json")
-            self.records[label] = record
-        return self.records[label]
+        old = self._stored(m)
+        if old is not None and old.source == GIVEN and _same(old.value, value):
+            return old
+        if write:
+            record.write(self.experiment.tune_dir(m.label) / "tune.json")
+        return record
 
     # -- results -----------------------------------------------------------------------------
     def results_file(self, m: Method) -> Path | None:
@@ -205,7 +215,7 @@ class Comparison:
                 if run.task != self.experiment.test.task:
                     continue
                 sidecar = documents_sidecar(file)
-                if not sidecar.is_file():
+                if not sidecar.is_file() and run.records:
                     _write_records(sidecar, run.records)
                 run.label, run.note = m.label, m.note
                 runs.append(run)
@@ -271,14 +281,16 @@ def _seconds_per_doc(c: Comparison, label: str) -> float | None:
 
 
 def _time_left(c: Comparison, todo: list[Step]) -> str:
-    known = {s.label: _seconds_per_doc(c, s.label) for s in todo}
-    done = [_seconds_per_doc(c, m.label) for m in c.experiment.methods if m.label not in known]
-    rates = [v for v in [*known.values(), *done] if v]
-    if not rates:
-        return "time left: unknown until a step has run"
-    fallback = sum(rates) / len(rates)
-    seconds = sum(_pending_docs(c, s) * (known[s.label] or fallback) for s in todo)
-    return f"about {seconds / 60:.0f} min left (from the seconds per document measured so far)"
+    """Minutes left for the steps whose method has a measured cost (its tune, or a finished
+    run), and how many steps have none yet (their own progress bars say)."""
+    known = {s: _seconds_per_doc(c, s.label) for s in todo}
+    measured = [s for s, rate in known.items() if rate]
+    unmeasured = len(todo) - len(measured)
+    if not measured:
+        return f"time left: not measured yet for any of the {len(todo)} steps left"
+    minutes = sum(_pending_docs(c, s) * known[s] for s in measured) / 60
+    return (f"about {minutes:.0f} min left for {len(measured)} of the {len(todo)} steps left"
+            + (f" ({unmeasured} not measured yet)" if unmeasured else ""))
 
 
 def plan(c: Comparison, selected: list[Step]) -> list[str]:
@@ -315,13 +327,13 @@ def tune_argv(config: TuneConfig) -> list[str]:
 def run(experiment: Experiment, only: list[str] | None = None, chosen: dict[str, str] | None = None,
         print_plan: bool = False, report_only: bool = False, echo=print) -> list[str] | tuple[str, list[Path]]:
     """Tune, run and report (see the module docstring)."""
-    for label in [*(only or []), *(chosen or {})]:
+    for label in only or []:
         if label not in experiment.labels:
             raise CompareError(f"{experiment.path}: no method is labelled {label!r}; the labels are "
                                f"{', '.join(experiment.labels)}")
-    c = Comparison(experiment, echo)
-    for label, value in (chosen or {}).items():
-        record = c.give(label, value)
+    c = Comparison(experiment, chosen)
+    for label in chosen or {}:
+        record = c.records[label]
         echo(f"{label}: {record.param}={record.value} given with --chosen (recorded as not tuned)")
     selected = steps(experiment, only)
     if print_plan:
@@ -352,7 +364,7 @@ def _execute(c: Comparison, selected: list[Step], echo) -> None:
             result = subprocess.run(argv)
             if result.returncode != 0:
                 raise CompareError(f"run {step.label}: lm_eval exited with {result.returncode}; rerun the same "
-                                   f"command to resume from the documents already logged")
+                                   f"command (our models resume from the documents already logged)")
             if c.results_file(m) is None:
                 raise CompareError(f"run {step.label}: lm_eval wrote no results matching the run under "
                                    f"{c.experiment.run_dir(step.label)}")
@@ -369,9 +381,10 @@ def _report(c: Comparison, echo) -> tuple[str, list[Path]]:
     reference = e.reference if e.reference in {r.label for r in runs} else None
     pairs = pairwise_table(runs)
     appendix = (("## Every pair\n\nBits per byte of the row's method over the column's, paired 95% interval; * where "
-                 "it excludes 1.\n\n" + pairs + "\n") if pairs else "") + _tunes(c)
+                 "it excludes 1. Each interval holds at 95% on its own; read across many pairs, about one in twenty "
+                 "of those between equal methods excludes 1 by chance.\n\n" + pairs + "\n") if pairs else "")
     table, plots = write_report(runs, e.report_dir, reference, title=f"ttt-nn compare: {e.name}",
-                                preface=_preface(c, missing), appendix=appendix)
+                                preface=_preface(c, missing), appendix=appendix + _tunes(c), base=e.base)
     echo(table)
     echo("written: " + ", ".join(str(p) for p in [e.report_dir / "report.md", *plots]))
     return table, plots

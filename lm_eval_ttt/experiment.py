@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .settings import (
 )
 
 HF = "hf"  # the stock harness model: the base every method is measured against
+LABEL = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class ExperimentError(ValueError):
@@ -183,6 +185,8 @@ def load(path: str | Path, check_paths: bool = True) -> Experiment:
     strings = {k: r.typed(f"[experiment] {k}", head.get(k), str, "a string")
                for k in ("name", "pretrained", "index", "out", "report", "base", "reference", "device")}
     batch_size = r.typed("[experiment] batch_size", head.get("batch_size", 1), int, "an integer")
+    if batch_size < 1:
+        raise r.fail("[experiment] batch_size", f"must be >= 1, got {batch_size}")
     common = dict(r.typed("[args]", data.get("args", {}), dict, "a table of model arguments"))
     test = _test(r, data.get("test"))
     validation = _validation(r, data.get("validation", {}))
@@ -208,6 +212,8 @@ def _test(r: _Reader, table) -> TestDocuments:
     if not task:
         raise r.fail("[test] task", "missing", 'name the lm-eval task, e.g. task = "ttt_corpus"')
     limit = r.typed("[test] limit", table.get("limit"), int, "an integer")
+    if limit is not None and limit < 1:
+        raise r.fail("[test] limit", f"must be >= 1, got {limit}")
     metadata = r.typed("[test] metadata", table.get("metadata", {}), dict, "a table")
     corpus = metadata.get("corpus_file")
     if r.check_paths and corpus is not None and not Path(corpus).expanduser().is_file():
@@ -243,8 +249,9 @@ def _method(r: _Reader, number: int, entry) -> Method:
     label = r.typed(f"{where} label", entry.get("label"), str, "a string")
     if not label:
         raise r.fail(where, "no label", 'give it a short unique label, e.g. label = "nearest"')
-    if any(c.isspace() or c in "=," for c in label):
-        raise r.fail(f'{where} "{label}"', "a label has no spaces, '=' or ','", "it is typed in --only and --chosen")
+    if not LABEL.fullmatch(label):
+        raise r.fail(f'{where} "{label}"', "a label is letters, digits, '.', '_' and '-', not starting with '.'",
+                     "it is typed in --only and --chosen and names a directory")
     where = f'[[method]] "{label}"'
     model = r.typed(f"{where} model", entry.get("model"), str, "a model name")
     valid_models = {HF, *models()}
@@ -269,7 +276,7 @@ def _method(r: _Reader, number: int, entry) -> Method:
                                                                                    "grid = [5e-5, 1e-4, 2e-4] }")
         if param in args:
             raise r.fail(f"{where} tune.param", f"{param} is also fixed in args", "tune it or fix it, not both")
-        if len(set(map(str, grid))) != len(grid):
+        if len({float(v) if isinstance(v, (int, float)) else v for v in grid}) != len(grid):
             raise r.fail(f"{where} tune.grid", f"a value appears twice in {grid}")
         tune = Tune(param, tuple(grid))
     note = r.typed(f"{where} note", entry.get("note", ""), str, "a string")

@@ -381,7 +381,8 @@ class NeighbourLM(HFLM):
             todo = [d for d in documents if d.key not in finished]
             self._summary["resumed"] += len(documents) - len(todo)
             self._prefetch(todo)
-            with tqdm(total=len(todo), desc=f"{self.method} k={self.k} {request_type}",
+            what = f"{self.method} k={self.k}" if self.neighbour_settings is not None else self.method
+            with tqdm(total=len(todo), desc=f"{what} {request_type}",
                       disable=disable_tqdm or self.rank != 0 or not todo) as bar:
                 for batch in self.document_batches(todo):
                     found = [self._neighbours(d) for d in batch]

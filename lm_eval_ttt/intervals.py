@@ -31,9 +31,6 @@ class Interval:
     def excludes(self, x: float) -> bool:
         return not self.low <= x <= self.high
 
-    def format(self, digits: int = 4) -> str:
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
 
 Documents = Mapping[object, tuple[float, int]]  # document key -> (summed log-likelihood, UTF-8 bytes)
 

@@ -53,9 +53,16 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def _whole(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def append_record(path: Path, record: dict) -> None:
     """Append one record as one line; the caller holds the file's lock. A last line a crash
-    left unfinished (no newline after it) is removed first: it is no record."""
+    cut short (no newline after it, not a whole record) is removed first: it is no record."""
     data = (json.dumps(record) + "\n").encode("utf-8")
     with open(path, "ab+") as f:
         size = f.tell()
@@ -64,8 +71,8 @@ def append_record(path: Path, record: dict) -> None:
             tail = f.read()
             if not tail.endswith(b"\n"):
                 newline = tail.rfind(b"\n")
-                if newline < 0 and size > len(tail):  # a torn line over 1 MiB: end it rather than search further
-                    data = b"\n" + data
+                if _whole(tail[newline + 1 :]) or (newline < 0 and size > len(tail)):
+                    data = b"\n" + data  # a whole record (readers count it), or a line over 1 MiB: end it
                 else:
                     f.truncate(size - len(tail) + newline + 1)
         f.write(data)

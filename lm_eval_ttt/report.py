@@ -21,17 +21,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from index_server.atomic import atomic_write
 
-from .documents import ROLLING
+from .documents import ROLLING, args_key
 from .intervals import Interval, bits_per_byte_interval, ratio_interval
 from .metrics import METRICS
 from .metrics import curve_points as _curve
 from .runlog import document_seconds, merged_records, rank_files
 
+FEW_DOCUMENTS = 20  # below this many documents the report warns that its intervals undercover
 # Model arguments that say where things are or how fast they run, left out of a label.
 UNLABELLED = frozenset({"pretrained", "index", "log_dir", "tuned", "neighbour_cache", "corpus_root",
                         "index_token_file", "index_tls_ca", "device", "batch_size", "retrieval_batch"})
@@ -119,22 +121,30 @@ def documents_sidecar(results_file: Path) -> Path:
     return results_file.with_name(results_file.stem + ".documents.jsonl")
 
 
-def _samples_records(results_file: Path, task: str) -> list[dict]:
-    """Per-document records of a task from lm-eval's ``--log_samples`` file of the same run."""
+def _samples(results_file: Path, task: str) -> list[dict]:
+    """lm-eval's ``--log_samples`` lines of a task from the same run as the results file."""
     from .jsonl import read_records
 
     stamp = results_file.stem.removeprefix("results_")
-    records = []
-    for sample in read_records(results_file.with_name(f"samples_{task}_{stamp}.jsonl")):
-        if "bits_per_byte" in sample:
-            ll, n_bytes = sample["bits_per_byte"]
-            records.append({"task": task, "doc_id": sample["doc_id"], "request_type": ROLLING, "bytes": n_bytes,
-                            "results": [ll]})
-    return records
+    return [r for r in read_records(results_file.with_name(f"samples_{task}_{stamp}.jsonl")) if "bits_per_byte" in r]
+
+
+def _sample_key(sample: dict) -> str | None:
+    """Our log's key of a rolling document (``Document.key``) from the text its sample holds
+    (the harness writes the arguments as ``{"gen_args_0": {"arg_0": text}}`` or ``[[text]]``)."""
+    arguments = sample.get("arguments")
+    if isinstance(arguments, dict):
+        text = (arguments.get("gen_args_0") or {}).get("arg_0")
+    else:
+        text = arguments[0][0] if arguments and arguments[0] else None
+    return args_key(ROLLING, [[text], 0]) if isinstance(text, str) else None
 
 
 def run_records(results_file: Path, data: dict, task: str) -> list[dict]:
-    """A run's per-document records of one task (see the module docstring for the sources)."""
+    """A run's per-document records of one task: the sidecar ``ttt-nn compare`` wrote, else
+    our log's records of exactly the documents the run's ``--log_samples`` file names (one per
+    doc_id: a text given twice is two documents), else the samples themselves (hf), else the
+    log's records of the run's first documents."""
     from .jsonl import read_records
 
     sidecar = documents_sidecar(results_file)
@@ -143,12 +153,19 @@ def run_records(results_file: Path, data: dict, task: str) -> list[dict]:
     info = data.get("config", {}).get("ttt_nn") or {}
     files = [Path(f) for f in info["log_files"]] if "log_files" in info else (
         rank_files(Path(info["log"])) if info.get("log") else [])  # results written before log_files
+    samples = _samples(results_file, task)
     if files:
-        effective = int(data.get("n-samples", {}).get(task, {}).get("effective", 0))
-        records = [r for r in merged_records(files).values() if r.get("task") in (task, None)]
+        logged = merged_records(files)
+        if samples:
+            picked = [(s, logged.get(_sample_key(s))) for s in samples]
+            return [{**{k: v for k, v in r.items() if k != "copies"}, "doc_id": int(s["doc_id"])}
+                    for s, r in picked if r is not None]
         # a log shared by runs of the same settings on more documents: this run's are its first ones
+        effective = int(data.get("n-samples", {}).get(task, {}).get("effective", 0))
+        records = [r for r in logged.values() if r.get("task") in (task, None)]
         return [r for r in records if r.get("doc_id") is None or r["doc_id"] < effective] if effective else records
-    return _samples_records(results_file, task)
+    return [{"task": task, "doc_id": int(s["doc_id"]), "request_type": ROLLING, "bytes": s["bits_per_byte"][1],
+             "results": [s["bits_per_byte"][0]]} for s in samples]
 
 
 def load_results(file: Path) -> list[Run]:
@@ -193,20 +210,24 @@ def name_models(runs: list[Run]) -> None:
             r.label = f"{r.label} [{Path(r.model).name if r.model else '?'}]"
 
 
-def _base(runs: list[Run], run: Run) -> Run | None:
-    """The ``--model hf`` run of the same task and pretrained model (none: no base)."""
+def _base(runs: list[Run], run: Run, label: str | None = None) -> Run | None:
+    """The base of ``run``: the run labelled ``label`` on the same task, else the ``--model
+    hf`` run of the same task and pretrained model (none: no base)."""
+    if label is not None:
+        return next((r for r in runs if r.task == run.task and r.label == label), None)
     return next((r for r in runs if r.task == run.task and r.method == "hf" and r.model == run.model), None)
 
 
-def base_scores(runs: list[Run], run: Run) -> dict:
-    """Per-document scores of the base model on ``run``'s task: the hf run's (from its samples
-    or sidecar), else the k=0 point of a ttt-nn run of the same task and model."""
-    base = _base(runs, run)
-    if base is not None and base.scores():
-        return base.scores()
+def base_scores(runs: list[Run], run: Run, label: str | None = None) -> dict:
+    """Per-document scores of the base model on ``run``'s task: the base run's (hf's from its
+    samples or sidecar), else the k=0 point of a ttt-nn run of the same task and model."""
+    base = _base(runs, run, label)
+    scores = base.scores() if base is not None else {}
+    if scores:
+        return scores
     for other in runs:
-        if other.task == run.task and other.model == run.model and other.scores(at_k=0):
-            return other.scores(at_k=0)
+        if other.task == run.task and other.model == run.model and (at_0 := other.scores(at_k=0)):
+            return at_0
     return {}
 
 
@@ -217,15 +238,36 @@ class Intervals:
     vs_reference: Interval | None
 
 
-def intervals(runs: list[Run], reference: str | None = None) -> dict[int, Intervals]:
+NO_INTERVALS = Intervals(None, None, None)
+
+
+def _consistent(run: Run) -> bool:
+    """Whether a run's per-document scores add up to the harness's own bits per byte (else
+    they are not the run's documents, and no interval is drawn from them)."""
+    interval = bits_per_byte_interval(run.scores(), resamples=1)
+    if interval is None:
+        return False
+    if math.isclose(interval.value, run.metrics["bits_per_byte"], rel_tol=1e-6):
+        return True
+    warnings.warn(f"{run.source}: the per-document scores found for {run.label} give {interval.value:.6f} bits per "
+                  f"byte, the harness {run.metrics['bits_per_byte']:.6f}; its intervals are left out", stacklevel=2)
+    return False
+
+
+def intervals(runs: list[Run], reference: str | None = None, base: str | None = None) -> dict[int, Intervals]:
     """id(run) -> its bits per byte, and its ratios to the base and to the run labelled
     ``reference`` (same task), each with a 95% paired bootstrap interval over documents."""
+    usable = {id(r) for r in runs if _consistent(r)}
     out = {}
     for run in runs:
+        if id(run) not in usable:
+            out[id(run)] = NO_INTERVALS
+            continue
         scores = run.scores()
         ref = next((r for r in runs if r.task == run.task and r.label == reference), None) if reference else None
-        out[id(run)] = Intervals(bits_per_byte_interval(scores), ratio_interval(scores, base_scores(runs, run)),
-                                 ratio_interval(scores, ref.scores()) if ref is not None else None)
+        out[id(run)] = Intervals(bits_per_byte_interval(scores), ratio_interval(scores, base_scores(runs, run, base)),
+                                 ratio_interval(scores, ref.scores()) if ref is not None and id(ref) in usable
+                                 else None)
     return out
 
 
@@ -236,10 +278,10 @@ def _ratio(interval: Interval | None) -> str:
     return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}]{mark}"
 
 
-def markdown_table(runs: list[Run], reference: str | None = None) -> str:
+def markdown_table(runs: list[Run], reference: str | None = None, found: dict[int, Intervals] | None = None) -> str:
     """One row per task and method: bits per byte with its interval, the perplexities, the
     ratios to the base and the reference with theirs (* where the interval excludes 1)."""
-    found = intervals(runs, reference)
+    found = found if found is not None else intervals(runs, reference)
     ref = f" vs {reference}" if reference else ""
     lines = ["| task | method | documents | bits/byte [95% CI] | byte ppl | word ppl | bpb vs hf [95% CI] |"
              + (f" bpb{ref} [95% CI] |" if reference else "") + " steps/doc | wall s |",
@@ -430,14 +472,15 @@ def plot_seconds(runs: list[Run], out: Path, found: dict[int, Intervals]) -> Pat
 
 
 def write_report(runs: list[Run], out_dir: Path, reference: str | None = None, title: str = "ttt-nn report",
-                 preface: str = "", appendix: str = "") -> tuple[str, list[Path]]:
-    """report.md (the tables, between ``preface`` and ``appendix``) and the PNG plots."""
+                 preface: str = "", appendix: str = "", base: str | None = None) -> tuple[str, list[Path]]:
+    """report.md (the tables, between ``preface`` and ``appendix``) and the PNG plots;
+    ``base``: the label of the base run (default: each run's hf run)."""
     if reference is not None and not any(r.label == reference for r in runs):
         raise ValueError(f"--reference {reference!r} names no run; the runs are: "
                          + "; ".join(sorted({r.label for r in runs})))
     out_dir.mkdir(parents=True, exist_ok=True)
-    found = intervals(runs, reference)
-    table = markdown_table(runs, reference) + "\n" + steps_table(runs) + "\n" + cost_table(runs)
+    found = intervals(runs, reference, base)
+    table = markdown_table(runs, reference, found) + "\n" + steps_table(runs) + "\n" + cost_table(runs)
     plots = [_plot_curves(runs, out_dir / "bpb_vs_k.png", 0, "neighbours trained on (k)"),
              _plot_curves(runs, out_dir / "bpb_vs_steps.png", 1, "gradient steps per document"),
              plot_bars(runs, out_dir / "bpb_by_method.png", found), plot_cost(runs, out_dir / "train_cost.png"),
@@ -445,6 +488,11 @@ def write_report(runs: list[Run], out_dir: Path, reference: str | None = None, t
     note = ("Intervals: 95% paired bootstrap over documents (10,000 resamples; bits per byte recomputed as the "
             "harness aggregates it, total log-likelihood over total bytes). A ratio marked * has an interval that "
             "excludes 1.\n")
+    fewest = min((iv.bits_per_byte.documents for iv in found.values() if iv.bits_per_byte), default=None)
+    if fewest is not None and fewest < FEW_DOCUMENTS:
+        note += (f"\nWith {fewest} documents, these percentile intervals are narrower than 95% coverage needs (a "
+                 f"bootstrap over fewer than {FEW_DOCUMENTS} documents sees little of their spread): read them as "
+                 f"the spread of the documents drawn, not as evidence.\n")
     body = (f"# {title}\n\n{preface}" + table + "\n" + note + "\n" + appendix
             + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     atomic_write(out_dir / "report.md", body)

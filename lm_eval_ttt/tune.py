@@ -169,9 +169,13 @@ HARNESS_SEED = 1234  # lm_eval's default --seed torch seed: tune's numbers equal
 
 
 def budget(config: TuneConfig) -> dict:
-    """The validation rule a record was tuned under (``ttt-nn compare`` checks it on resume)."""
+    """The validation rule a record was tuned under (``ttt-nn compare`` checks it on resume):
+    the documents' source (a file, else the index whose corpus they are drawn from), their
+    number and rule, and how far the grid widens."""
+    source = {"file": str(config.validation_file)} if config.validation_file else {
+        "index": config.model_args.get("index")}
     return {"docs": config.docs, "seed": config.seed, "min_chars": config.min_chars, "max_chars": config.max_chars,
-            "widen": config.widen, "file": str(config.validation_file) if config.validation_file else None}
+            "widen": config.widen, **source}
 
 
 def record_args(config: TuneConfig) -> dict:
@@ -201,6 +205,7 @@ def run_tune(config: TuneConfig, echo=print) -> TuneRecord:
                 documents = validation_documents(index, config.docs, config.seed, config.min_chars, config.max_chars)
         finally:
             index.close()
+    rule = budget(config)  # before the index of a method without neighbours leaves its arguments
     config = replace(config, model_args=record_args(config))
     if config.validation_file is not None:
         documents = file_documents(config.validation_file, config.docs, config.seed, config.min_chars, config.max_chars)
@@ -223,7 +228,7 @@ def run_tune(config: TuneConfig, echo=print) -> TuneRecord:
         grid=tuple(config.grid), widened=tuple(widened), rows=tuple(rows),
         validation=Validation(count=len(documents), ids=tuple(d for d, _ in documents), index=identity,
                               seed=config.seed, file=str(config.validation_file) if config.validation_file else None),
-        budget=budget(config))
+        budget=rule)
     path = record.write(config.out / "tune.json")
     echo(f"chosen {config.param}={best.value}: {reason} ({best.bits_per_byte:.4f}); written {path}; "
          f"pass --model_args ...,{config.param}={best.value},tuned={path}")

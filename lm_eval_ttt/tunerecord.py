@@ -102,7 +102,7 @@ class TuneRecord:
     def read(cls, path: Path) -> TuneRecord:
         try:
             record = cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TuneRecordError(f"{path}: not a tune record written by `ttt-nn tune` or `ttt-nn compare` "
                                   f"({type(e).__name__}: {e})") from e
         if record.tuned and record.validation is None:

@@ -257,11 +257,35 @@ def test_the_base_comes_from_samples_or_a_k0_point(results, tmp_path):
     hf_file = next((results / "hf").rglob("results_*.json"))
     stamp = hf_file.stem.removeprefix("results_")
     samples = hf_file.with_name(f"samples_ttt_stdlib_code_{stamp}.jsonl")
-    samples.write_text("".join(json.dumps({"doc_id": d, "bits_per_byte": [ll * 2, n]}) + "\n"
-                               for (_, d), (ll, n) in k0.items()))
+    samples.write_text("".join(json.dumps({"doc_id": i, "bits_per_byte": [ll * 2, n]}) + "\n"
+                               for i, (ll, n) in enumerate(k0.values())))
     try:
         runs = load_runs([results])
         hf = next(r for r in runs if r.method == "hf")
-        assert base_scores(runs, ttt) == hf.scores() == {k: (ll * 2, n) for k, (ll, n) in k0.items()}
+        assert base_scores(runs, ttt) == hf.scores()
+        assert sorted(hf.scores().values()) == sorted((ll * 2, n) for ll, n in k0.values())
     finally:
         samples.unlink()
+
+
+def test_a_runs_documents_are_those_its_samples_name(tmp_path):
+    """A log keyed by settings holds every run of those settings (another sample of the same
+    test split too): the run's records are the ones its --log_samples file names, one per
+    doc_id, so a text given twice is two documents, as the harness counts it."""
+    from lm_eval_ttt.documents import args_key
+    from lm_eval_ttt.report import run_records
+
+    texts = ["first text", "second text", "a text of another sample"]
+    log = tmp_path / "ttt-nn-abc.rank0.jsonl"
+    log.write_text("".join(json.dumps({"doc_key": args_key(ROLLING, [[t], 0]), "task": "t", "doc_id": i,
+                                       "request_type": ROLLING, "bytes": len(t), "results": [-float(i + 1)],
+                                       **({"copies": 2} if i == 0 else {})}) + "\n"
+                           for i, t in enumerate(texts)))
+    results = tmp_path / "results_2026-01-01T00-00-00.json"
+    data = {"config": {"ttt_nn": {"log_files": [str(log)]}}, "n-samples": {"t": {"effective": 3}}}
+    (tmp_path / "samples_t_2026-01-01T00-00-00.jsonl").write_text("".join(
+        json.dumps({"doc_id": d, "arguments": {"gen_args_0": {"arg_0": texts[i]}}, "bits_per_byte": [0.0, 1]}) + "\n"
+        for d, i in ((0, 0), (1, 1), (2, 0))))
+    records = run_records(results, data, "t")
+    assert [(r["doc_id"], r["results"], r["bytes"], "copies" in r) for r in records] == [
+        (0, [-1.0], len(texts[0]), False), (1, [-2.0], len(texts[1]), False), (2, [-1.0], len(texts[0]), False)]

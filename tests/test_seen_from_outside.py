@@ -97,7 +97,8 @@ def test_a_client_without_a_token_is_told_none_was_sent(small_index):
 
 
 def test_a_torn_last_line_is_warned_about_once_and_removed_by_the_next_append(tmp_path):
-    """Skipped on resume but warned about again on every later read of the log."""
+    """It was skipped on resume but warned about again on every later read of the log. A whole
+    last record that only lacks its newline is a record: it is kept."""
     path = tmp_path / "log.jsonl"
     path.write_text(json.dumps({"doc_key": "a"}) + "\n" + '{"doc_key": "b", "resu')
     with warnings.catch_warnings(record=True) as caught:
@@ -111,3 +112,6 @@ def test_a_torn_last_line_is_warned_about_once_and_removed_by_the_next_append(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [r["doc_key"] for r in read_records(Path(path))] == ["a", "c"]
+    path.write_text(json.dumps({"doc_key": "a"}))  # whole, no newline
+    append_record(path, {"doc_key": "b"})
+    assert [r["doc_key"] for r in read_records(path)] == ["a", "b"]
