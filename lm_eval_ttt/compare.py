@@ -190,8 +190,10 @@ class Comparison:
         if args is None:
             return None
         t = self.experiment.test
-        for file in sorted(self.experiment.run_dir(m.label).rglob("results_*.json"),
-                           key=lambda p: p.stat().st_mtime, reverse=True):
+        # the harness names results by their time (results_<ISO time>.json): newest first, in a
+        # clone too, where files carry the checkout's mtime
+        for file in sorted(self.experiment.run_dir(m.label).rglob("results_*.json"), key=lambda p: p.name,
+                           reverse=True):
             data = json.loads(file.read_text())
             config = data.get("config", {})
             metadata = (data.get("configs", {}).get(t.task) or {}).get("metadata") or {}
