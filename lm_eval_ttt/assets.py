@@ -102,3 +102,13 @@ def ensure_default_index() -> Path:
                 print(f"building the default index in {target} (once, ~2 min on 2 cores)", flush=True)
                 build_index(BuildConfig(output=target, corpus=tuple(sorted(corpus.glob("*.index.jsonl")))))
     return target
+
+
+def task_configs_dir() -> Path:
+    """task_configs/ of a source checkout (editable install) or the copy inside the wheel;
+    bundled tasks are in its ttt/ folder, the Pile tasks in pile/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "task_configs", here.parent / "task_configs"):
+        if (candidate / "ttt" / "ttt_loader.py").is_file():
+            return candidate
+    raise FileNotFoundError("task_configs not found next to lm_eval_ttt")

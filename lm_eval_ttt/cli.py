@@ -16,20 +16,10 @@ from pathlib import Path
 
 from lm_eval.utils import handle_arg_string, simple_parse_args_string
 
-from .assets import bundled_lm_path, ensure_default_index
+from .assets import bundled_lm_path, ensure_default_index, task_configs_dir
 from .metrics import METRICS
 from .settings import NeighbourSettings
 from .tune import TuneConfig
-
-
-def task_configs_dir() -> Path:
-    """task_configs/ of a source checkout (editable install) or the copy inside the wheel;
-    bundled tasks are in its ttt/ folder, the Pile tasks in pile/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "task_configs", here.parent / "task_configs"):
-        if (candidate / "ttt" / "ttt_loader.py").is_file():
-            return candidate
-    raise FileNotFoundError("task_configs not found next to lm_eval_ttt")
 
 
 def latest_results(output_dir: Path) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lm_eval.utils import simple_parse_args_string
 
-from .assets import bundled_lm_path
+from .assets import bundled_lm_path, task_configs_dir
 from .experiment import HF, Chosen, Experiment, Method, accepted, retrieves
 from .report import Run, documents_sidecar, load_results, name_models, pairwise_table, write_report
 from .tune import TuneConfig, budget, invalid, record_args, run_tune
@@ -232,8 +232,6 @@ def _write_records(path: Path, records: list[dict]) -> None:
 
 
 def _task_configs() -> Path:
-    from .cli import task_configs_dir
-
     return task_configs_dir() / "ttt"
 
 

@@ -116,7 +116,7 @@ def task_dir(tmp_path_factory) -> Path:
     tasks (lm-eval does not follow symlinked folders)."""
     import shutil
 
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import task_configs_dir
 
     out = tmp_path_factory.mktemp("tasks")
     shutil.copytree(task_configs_dir() / "ttt", out / "ttt")

@@ -37,7 +37,7 @@ def model_args(tiny_lm, small_index, out: Path, logs: Path) -> str:
 
 
 def lm_eval_args(tiny_lm, small_index, out: Path, logs: Path, limit: int) -> list[str]:
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import task_configs_dir
 
     return ["--model", "ttt-nn", "--model_args", model_args(tiny_lm, small_index, out, logs),
             "--tasks", TASK, "--include_path", str(task_configs_dir() / "ttt"), "--limit", str(limit),
@@ -50,7 +50,7 @@ def in_process(tiny_lm, small_index, out: Path, logs: Path, limit: int) -> dict:
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import task_configs_dir
 
     return simple_evaluate(model="ttt-nn", model_args=model_args(tiny_lm, small_index, out, logs), tasks=[TASK],
                            limit=limit, device="cpu", batch_size=1,

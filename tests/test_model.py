@@ -112,8 +112,7 @@ def test_compile_runs_or_falls_back_with_a_warning(tiny_lm, corpus_texts, test_d
 def test_stock_lm_eval_cli_k0_equals_hf_on_the_bundled_model(tmp_path):
     """The real bundled SmolLM2 through the real lm_eval executable, both ways (the default
     suite checks the same on every request type with the tiny model: test_harness_contract)."""
-    from lm_eval_ttt.assets import bundled_lm_path
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import bundled_lm_path, task_configs_dir
 
     common = ["--tasks", "ttt_stdlib_code", "--include_path", str(task_configs_dir() / "ttt"), "--limit", "2",
               "--device", "cpu", "--batch_size", "1"]

@@ -115,7 +115,7 @@ def test_prefix_query_retrieves_on_the_prefix_and_scores_the_rest(tiny_lm, corpu
 def test_pile_tasks_read_a_local_pile_file_and_override_the_builtin(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import task_configs_dir
 
     rows = [{"text": f"github doc {i}", "meta": {"pile_set_name": "Github"}} for i in range(3)]
     rows += [{"text": "a europarl speech", "meta": {"pile_set_name": "EuroParl"}}]
@@ -136,7 +136,7 @@ def test_pile_tasks_read_a_local_pile_file_and_override_the_builtin(tmp_path, mo
 def test_split_task_has_prefix_and_rest(default_corpus):
     from lm_eval.tasks import TaskManager
 
-    from lm_eval_ttt.cli import task_configs_dir
+    from lm_eval_ttt.assets import task_configs_dir
 
     task = TaskManager(include_path=str(task_configs_dir() / "ttt")).load_task_or_group(["ttt_stdlib_code_split"])
     docs = list(task["ttt_stdlib_code_split"].test_docs())
