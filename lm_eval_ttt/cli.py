@@ -114,8 +114,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     if any("=" not in kv for kv in args.chosen):
         raise ValueError(f"--chosen takes LABEL=VALUE pairs, got {args.chosen}")
     chosen = dict(kv.split("=", 1) for kv in args.chosen)
-    result = run(load(args.experiment), only=args.only, chosen=chosen, print_plan=args.plan,
-                 report_only=args.report_only)
+    # the report reads logs and results only: it needs neither the index nor the document files
+    experiment = load(args.experiment, check_paths=not args.report_only)
+    result = run(experiment, only=args.only, chosen=chosen, print_plan=args.plan, report_only=args.report_only)
     if args.plan:
         print("\n".join(result) if result else "# nothing left to run: ttt-nn compare --report-only writes the report")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,9 @@ args = {{ k = 2, lr = {{ chosen = "nearest" }}, dyneval_iterations = 1, dyneval_
 
 @pytest.fixture
 def write_experiment(tiny_lm, small_index, default_corpus, tmp_path):
-    def write(extra: str = "", name: str = "exp.toml", out: Path | None = None) -> Path:
+    def write(extra: str = "", name: str = "exp.toml", out: Path | None = None, test_file: Path | None = None) -> Path:
         path = tmp_path / name
-        path.write_text(experiment_text(tiny_lm, small_index, default_corpus / "stdlib_code.test.jsonl",
+        path.write_text(experiment_text(tiny_lm, small_index, test_file or default_corpus / "stdlib_code.test.jsonl",
                                         out or tmp_path / "out", extra))
         return path
 
@@ -179,8 +180,11 @@ def test_chosen_values_are_recorded_as_given_and_the_plan_waits_for_missing_tune
 
 def test_compare_end_to_end_on_the_tiny_model(write_experiment, tmp_path, default_corpus):
     """The real command: tunes in process, every run through the stock lm_eval, the report with
-    intervals; a rerun resumes everything and runs nothing."""
-    path = write_experiment()
+    intervals; a rerun resumes everything and runs nothing; the report is rewritten from the logs
+    and results alone, without the test documents (what a clone of the repository has)."""
+    test_file = tmp_path / "test.jsonl"
+    shutil.copy(default_corpus / "stdlib_code.test.jsonl", test_file)
+    path = write_experiment(test_file=test_file)
     proc = run("ttt-nn", "compare", str(path), timeout=900)
     out = proc.stdout
     assert "[1/6] tune dyneval (ttt-nn-dyneval); time left: not measured yet for any of the 6 steps left" in out
@@ -207,6 +211,10 @@ def test_compare_end_to_end_on_the_tiny_model(write_experiment, tmp_path, defaul
     again = run("ttt-nn", "compare", str(path), timeout=600).stdout
     assert "6 of 6 steps already done" in again and "$ " not in again
     assert run("ttt-nn", "compare", str(path), "--plan").stdout.startswith("# nothing left to run")
+    assert (e.report_dir / "report.md").read_text() == report
+    test_file.unlink()
+    (e.report_dir / "report.md").unlink()
+    run("ttt-nn", "compare", str(path), "--report-only")
     assert (e.report_dir / "report.md").read_text() == report
 
 
