@@ -2,7 +2,7 @@
 # The scale corpus: fetch the pinned packages of docs/scale/sources.txt, turn them into one
 # Pile-format corpus split by path into index / validation / test, embed the index split in
 # resumable parts and build a Flat index from them. Every step skips what is already done, so
-# a killed run resumes. Times on the 2-core CPU are in the README ("Real code at scale").
+# a killed run resumes. Times on the 2-core CPU are in docs/indexes.md ("Real code at scale").
 #   bash docs/scale-corpus.sh            # everything under work/scale
 #   bash docs/scale-corpus.sh corpus     # stop once the corpus is split (no embedding)
 # EMBED_ARGS adds options to `ttt-index embed` (e.g. "--dtype bfloat16"; the manifest records them).

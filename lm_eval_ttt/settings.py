@@ -33,14 +33,14 @@ _DEFAULT_INDEX_OPTIONS = IndexOptions()
 PAPER_LR_SMALL, PAPER_LR_LARGE, LARGE_MODEL_PARAMS = 2e-5, 5e-6, 1_000_000_000
 # Chosen by `ttt-nn tune` on validation documents of the bundled index (SmolLM2-135M,
 # 256-token neighbours, rank 8) at DEFAULT_LORA_LR_K neighbours, the default k, where its
-# validation curve falls all the way (README "Parameter-efficient TTT";
-# docs/bench/tune-lora-lr.json, made by docs/tune-defaults.sh).
+# validation curve falls all the way (docs/methods.md "Parameter-efficient TTT";
+# docs/bench/tune-lora-lr.json; docs/experiments/defaults.toml declares that tune).
 DEFAULT_LORA_LR, DEFAULT_LORA_LR_K = 1e-3, 20
 # The rate of steps on a document's own windows, ttt-nn-dyneval's lr and ttt-nn's dyneval_lr
 # alike: chosen by `ttt-nn tune` for ttt-nn-dyneval on the bundled validation documents, and
 # by the combined tune (k=10) for dyneval_lr (docs/compare/validation.md).
 DEFAULT_DYNEVAL_LR = 2e-4
-# What the comparisons recommend for its cost (README "Comparing methods"): the top 6 blocks of
+# What the comparisons recommend for its cost (docs/results.md, the bundled code task): the top 6 blocks of
 # the bundled SmolLM2-135M train, on 5 neighbours, then dynamic evaluation on the document. Its
 # rates were chosen on the bundled index's validation documents (docs/compare/validation.md:
 # the tunes "top" and "top-combined"); `ttt-nn demo` shows it beside the paper's untuned rate.
