@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class Run:
     resumed: int = 0  # documents this run took from its log: its wall time does not include them
     tuned: dict | None = None  # what the results recorded of tuned=
     note: str = ""
+    cpu: str | None = None  # the CPU the harness recorded: seconds compare only between runs on the same one
 
     @property
     def steps_per_document(self) -> float | None:
@@ -187,8 +189,15 @@ def load_results(file: Path) -> list[Run]:
             wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
             records=run_records(Path(file), data, task), model=_model_of(config),
             resumed=int((info.get("this_process") or {}).get("resumed", 0)), tuned=tuned,
+            cpu=cpu_of(data),
         ))
     return runs
+
+
+def cpu_of(results: dict) -> str | None:
+    """The CPU model in the environment lm-eval records with its results (torch's collect_env)."""
+    match = re.search(r"^Model name:\s*(.+?)\s*$", results.get("pretty_env_info") or "", re.M)
+    return match.group(1) if match else None
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
@@ -348,19 +357,34 @@ def _costed(runs: list[Run], task: str) -> list[tuple[Run, float, bool]]:
     return [(r, *r.seconds_per_document) for r in runs if r.task == task and r.seconds_per_document is not None]
 
 
+def _fronts(costed: list[tuple[Run, float, bool]]) -> set[int]:
+    """Indices of the runs on the Pareto front of the runs measured on their CPU."""
+    front = set()
+    for cpu in {r.cpu for r, _, _ in costed}:
+        mine = [i for i, (r, _, _) in enumerate(costed) if r.cpu == cpu]
+        front |= {mine[j] for j in pareto_front([(costed[i][1], costed[i][0].metrics["bits_per_byte"]) for i in mine])}
+    return front
+
+
 def cost_table(runs: list[Run]) -> str:
-    """Bits per byte against seconds per document, with each task's Pareto front marked."""
-    lines = ["| task | method | s/doc | train s/doc | score s/doc | train tokens/doc | bits/byte | Pareto front |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Bits per byte against seconds per document, with each task's Pareto front marked (one
+    front per CPU: seconds measured on different CPUs do not compare)."""
+    lines = ["| task | method | s/doc | train s/doc | score s/doc | train tokens/doc | bits/byte | CPU "
+             "| Pareto front |", "|---|---|---|---|---|---|---|---|---|"]
+    cpus = set()
     for task in sorted({r.task for r in runs}):
         costed = _costed(runs, task)
-        front = set(pareto_front([(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]))
+        front = _fronts(costed)
+        cpus |= {r.cpu for r, _, _ in costed}
         for i, (run, seconds, logged) in sorted(enumerate(costed), key=lambda x: x[1][1]):
             parts = [run.per_document(f) for f in ("train_s", "score_s", "train_tokens")]
             cells = ["-" if v is None else f"{v:.1f}" if f != "train_tokens" else f"{v:.0f}"
                      for v, f in zip(parts, ("train_s", "score_s", "train_tokens"))]
             lines.append(f"| {task} | {run.label} | {seconds:.1f}{'' if logged else ' (wall)'} | {' | '.join(cells)} | "
-                         f"{run.metrics['bits_per_byte']:.4f} | {'yes' if i in front else ''} |")
+                         f"{run.metrics['bits_per_byte']:.4f} | {run.cpu or '?'} | {'yes' if i in front else ''} |")
+    if len(cpus) > 1:
+        lines.append(f"\nThese runs were timed on {len(cpus)} CPUs ({'; '.join(sorted(c or '?' for c in cpus))}): "
+                     "compare seconds only between runs on the same CPU; each CPU's runs have their own front.")
     return "\n".join(lines) + "\n"
 
 
@@ -454,16 +478,20 @@ def plot_seconds(runs: list[Run], out: Path, found: dict[int, Intervals]) -> Pat
     for ax, task in zip(axes[0], tasks):
         costed = sorted(_costed(runs, task), key=lambda c: c[1])
         points = [(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]
+        cpus = sorted({r.cpu or "?" for r, _, _ in costed})
         for n, ((run, _, logged), (x, y)) in enumerate(zip(costed, points), 1):
             below, above = _error(found[id(run)].bits_per_byte, y)
             ax.errorbar([x], [y], yerr=[[below], [above]], marker="o" if logged else "s", linestyle="", capsize=3,
                         color=colours[(n - 1) % len(colours)],
-                        label=f"{n}: {run.label}" + ("" if logged else " (wall)"))
+                        label=f"{n}: {run.label}" + ("" if logged else " (wall)")
+                        + (f" [{run.cpu or '?'}]" if len(cpus) > 1 else ""))
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto_front(points)
-        if front:
+        for style, cpu in zip(("-", "--", ":", "-."), cpus):
+            mine = [i for i, (r, _, _) in enumerate(costed) if (r.cpu or "?") == cpu]
+            front = [mine[j] for j in pareto_front([points[i] for i in mine])]
             ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black",
-                    linewidth=1, alpha=0.6, label="Pareto front")
+                    linestyle=style, linewidth=1, alpha=0.6,
+                    label="Pareto front" + (f" ({cpu})" if len(cpus) > 1 else ""))
         ax.set_xlim(left=0)
         ax.set(title=task, xlabel="seconds per document", ylabel="bits per byte")
         ax.grid(alpha=0.3)

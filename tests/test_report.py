@@ -198,12 +198,39 @@ def test_bits_per_byte_against_seconds_marks_the_pareto_front(results, tmp_path)
         assert f"| {run.label} | {seconds:.1f}{'' if logged else ' (wall)'} |" in table
     ttt = next(r for r in runs if r.method == "ttt-nn")
     assert ttt.per_document("train_tokens") > 0 and f"{ttt.per_document('train_tokens'):.0f}" in table
+    assert {r.cpu for r in runs} == {None} and "| ? |" in table  # these results files record no environment
+    here = "This CPU"
+    for run in runs:
+        run.cpu = here
     cheap = Run(tmp_path, "ttt_stdlib_code", "x", "cheap and good", {"bits_per_byte": 0.1}, 1, 1.0,
-                records=[{"score_s": 0.001}])
+                records=[{"score_s": 0.001}], cpu=here)
     rows = [line for line in cost_table(runs + [cheap]).splitlines() if line.startswith("| ttt_stdlib_code")]
     assert [line.endswith("| yes |") for line in rows] == [True] + [False] * len(runs)  # it dominates every other
+    elsewhere = Run(tmp_path, "ttt_stdlib_code", "x", "timed elsewhere", {"bits_per_byte": 0.1}, 1, 1.0,
+                    records=[{"score_s": 0.001}], cpu="Other CPU")
+    table = cost_table(runs + [elsewhere])
+    assert "| This CPU |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ttt_stdlib_code")]
+    assert rows[0].endswith("| Other CPU | yes |")  # its own CPU's front, which takes nothing off this one's
+    assert sum(line.endswith("| yes |") for line in rows) == 1 + len(pareto_front(
+        [(r.seconds_per_document[0], r.metrics["bits_per_byte"]) for r in runs]))
+    assert "timed on 2 CPUs" in table and "compare seconds only between runs on the same CPU" in table
     width, height, _ = png_size(_report(results, tmp_path) / "bpb_vs_seconds.png")
     assert width >= 400 and height >= 300
+
+
+def test_the_cpu_is_read_from_the_environment_lm_eval_records():
+    from lm_eval.loggers.utils import add_env_info
+
+    from lm_eval_ttt.report import cpu_of
+
+    results = {}
+    add_env_info(results)  # what lm_eval's CLI adds to every results file (torch's collect_env)
+    cpu = cpu_of(results)
+    assert cpu and "Model name" not in cpu
+    if Path("/proc/cpuinfo").is_file():
+        assert cpu in Path("/proc/cpuinfo").read_text()
+    assert cpu_of({}) is None and cpu_of({"pretty_env_info": "no CPU section"}) is None
 
 
 def _report(results, tmp_path) -> Path:
