@@ -370,6 +370,9 @@ def help_rows(groups) -> list[tuple[str, Any, str]]:
 # The order the README's argument table lists the groups in.
 DOCUMENTED_GROUPS = (NeighbourSettings, RunSettings, TrainSettings, TTTSettings, ContextSettings,
                      InterpolationSettings, DynamicEvalSettings)
+# Groups that only one baseline model reads: the table names it before the help.
+BASELINE_OF = {ContextSettings: "ttt-nn-context", InterpolationSettings: "ttt-nn-interp",
+               DynamicEvalSettings: "ttt-nn-dyneval"}
 
 
 def arguments_table() -> str:
@@ -381,6 +384,8 @@ def arguments_table() -> str:
     names = {v: k for k, v in ALIASES.items()}
     rows = ["| argument | default | meaning |", "|---|---|---|",
             "| `pretrained` | bundled SmolLM2-135M | HF causal LM, hub id or path (and every other HFLM argument) |"]
-    rows += [f"| `{names.get(name, name)}` | {cell(default)} | {text} |"
-             for name, default, text in help_rows(DOCUMENTED_GROUPS)]
+    for group in DOCUMENTED_GROUPS:
+        only = f"{BASELINE_OF[group]}: " if group in BASELINE_OF else ""
+        rows += [f"| `{names.get(name, name)}` | {cell(default)} | {only}{text} |"
+                 for name, default, text in help_rows([group])]
     return "\n".join(rows) + "\n"
