@@ -18,6 +18,7 @@ else the harness model and the model arguments its results recorded (paths left 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -196,7 +197,7 @@ def load_results(file: Path) -> list[Run]:
 
 def cpu_of(results: dict) -> str | None:
     """The CPU model in the environment lm-eval records with its results (torch's collect_env)."""
-    match = re.search(r"^Model name:\s*(.+?)\s*$", results.get("pretty_env_info") or "", re.M)
+    match = re.search(r"^Model name:[ \t]*(\S.*?)[ \t]*$", results.get("pretty_env_info") or "", re.M)
     return match.group(1) if match else None
 
 
@@ -478,7 +479,7 @@ def plot_seconds(runs: list[Run], out: Path, found: dict[int, Intervals]) -> Pat
     for ax, task in zip(axes[0], tasks):
         costed = sorted(_costed(runs, task), key=lambda c: c[1])
         points = [(s, r.metrics["bits_per_byte"]) for r, s, _ in costed]
-        cpus = sorted({r.cpu or "?" for r, _, _ in costed})
+        cpus = sorted({r.cpu for r, _, _ in costed}, key=str)
         for n, ((run, _, logged), (x, y)) in enumerate(zip(costed, points), 1):
             below, above = _error(found[id(run)].bits_per_byte, y)
             ax.errorbar([x], [y], yerr=[[below], [above]], marker="o" if logged else "s", linestyle="", capsize=3,
@@ -486,12 +487,12 @@ def plot_seconds(runs: list[Run], out: Path, found: dict[int, Intervals]) -> Pat
                         label=f"{n}: {run.label}" + ("" if logged else " (wall)")
                         + (f" [{run.cpu or '?'}]" if len(cpus) > 1 else ""))
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for style, cpu in zip(("-", "--", ":", "-."), cpus):
-            mine = [i for i, (r, _, _) in enumerate(costed) if (r.cpu or "?") == cpu]
+        for style, cpu in zip(itertools.cycle(("-", "--", ":", "-.")), cpus):
+            mine = [i for i, (r, _, _) in enumerate(costed) if r.cpu == cpu]
             front = [mine[j] for j in pareto_front([points[i] for i in mine])]
             ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="black",
                     linestyle=style, linewidth=1, alpha=0.6,
-                    label="Pareto front" + (f" ({cpu})" if len(cpus) > 1 else ""))
+                    label="Pareto front" + (f" ({cpu or '?'})" if len(cpus) > 1 else ""))
         ax.set_xlim(left=0)
         ax.set(title=task, xlabel="seconds per document", ylabel="bits per byte")
         ax.grid(alpha=0.3)

@@ -1,5 +1,5 @@
 """Shared fixtures: a private ttt-nn home, the default corpus and index built once per run
-with the README's own commands, a small index and a tiny random model (a saved small config
+with the commands docs/indexes.md gives, a small index and a tiny random model (a saved small config
 with the bundled tokenizer) for fast unit tests, and helpers to run the real CLIs."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def default_corpus(ttt_home) -> Path:
 
 @pytest.fixture(scope="session")
 def default_index(default_corpus) -> Path:
-    """Built exactly as the README says (and where the model looks for it by default)."""
+    """Built exactly as docs/indexes.md says (and where the model looks for it by default)."""
     from lm_eval_ttt.assets import default_index_dir
 
     out = default_index_dir()

@@ -215,21 +215,24 @@ def test_bits_per_byte_against_seconds_marks_the_pareto_front(results, tmp_path)
     assert sum(line.endswith("| yes |") for line in rows) == 1 + len(pareto_front(
         [(r.seconds_per_document[0], r.metrics["bits_per_byte"]) for r in runs]))
     assert "timed on 2 CPUs" in table and "compare seconds only between runs on the same CPU" in table
+    from lm_eval_ttt.report import plot_seconds
+
+    found = {id(r): type("NoInterval", (), {"bits_per_byte": None})() for r in runs + [elsewhere]}
+    width, height, _ = png_size(plot_seconds(runs + [elsewhere], tmp_path / "two-cpus.png", found))
+    assert width >= 400 and height >= 300
     width, height, _ = png_size(_report(results, tmp_path) / "bpb_vs_seconds.png")
     assert width >= 400 and height >= 300
 
 
 def test_the_cpu_is_read_from_the_environment_lm_eval_records():
-    from lm_eval.loggers.utils import add_env_info
-
     from lm_eval_ttt.report import cpu_of
 
-    results = {}
-    add_env_info(results)  # what lm_eval's CLI adds to every results file (torch's collect_env)
-    cpu = cpu_of(results)
-    assert cpu and "Model name" not in cpu
-    if Path("/proc/cpuinfo").is_file():
-        assert cpu in Path("/proc/cpuinfo").read_text()
+    # results files lm_eval wrote for the committed scale comparison, on two machines
+    runs = Path(__file__).resolve().parents[1] / "docs" / "scale" / "compare" / "runs"
+    for label, cpu in (("top", "Intel(R) Xeon(R) Processor"), ("nearest", "AMD EPYC")):
+        (results,) = (runs / label).rglob("results_*.json")
+        assert cpu_of(json.loads(results.read_text())) == cpu
+    assert cpu_of({"pretty_env_info": "CPU:\nArchitecture: x86_64\nModel name:\nThread(s) per core: 1"}) is None
     assert cpu_of({}) is None and cpu_of({"pretty_env_info": "no CPU section"}) is None
 
 
