@@ -196,7 +196,7 @@ def main() -> None:
                     neighbour_cache=str(Path(logs) / "cache"), device=args.device, batch_size=1, seed=1,
                     precision=args.precision, dtype="float32")
         lm = TTTNNLM(**{**base, **configs[args.default]})
-        lm.retriever.prefetch(texts, lm.retriever.fetch_k(args.k), progress=False)  # as the base loop does
+        lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)  # as the base loop does
         lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up: allocator, kernels
         neighbours = {t: lm.retriever.neighbours(t, lm.k).texts for t in texts}  # the configuration's k
         ours, records, ours_wall, pure = {}, [], 0.0, []
