@@ -17,8 +17,9 @@ from pathlib import Path
 from lm_eval.utils import handle_arg_string, simple_parse_args_string
 
 from .assets import bundled_lm_path, ensure_default_index, task_configs_dir
+from .experts_build import ExpertsSettings
 from .metrics import METRICS
-from .settings import NeighbourSettings
+from .settings import NeighbourSettings, add_settings_arguments
 from .tune import TuneConfig
 
 
@@ -127,6 +128,18 @@ def _cmd_arguments(args: argparse.Namespace) -> None:
     print(arguments_table(), end="")
 
 
+def _cmd_experts_build(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .experts_build import ExpertsSettings, build_experts
+
+    settings = ExpertsSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertsSettings)})
+    pretrained = args.pretrained or str(bundled_lm_path())
+    manifest = build_experts(args.index or str(ensure_default_index()), args.out, settings, pretrained, args.dtype)
+    print(f"{manifest.done} experts in {args.out} ({manifest.offline_s:.0f} s offline: clustering "
+          f"{manifest.clustering_s:.1f} s, vectors {manifest.vectors})")
+
+
 def _cmd_paths(args: argparse.Namespace) -> None:
     print(f"bundled_lm={bundled_lm_path()}")
     print(f"task_configs={task_configs_dir() / 'ttt'}")
@@ -223,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true",
                       help="run nothing: write the report from the tunes and runs finished so far")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("experts", help="amortised test-time training: LoRA experts, one per cluster of an index")
+    experts = p.add_subparsers(dest="experts_command", required=True)
+    p = experts.add_parser(
+        "build",
+        help="cluster an index's documents and train one LoRA expert per cluster (resumes a stopped build)",
+        description="Clusters a seeded sample of the index's documents (spherical k-means over their vectors) and "
+                    "trains one LoRA adapter per cluster on up to --docs-per-expert of its documents, with the "
+                    "trainer of test-time training. Use them with lm_eval --model ttt-nn --model_args "
+                    "experts=OUT,index=INDEX.",
+    )
+    p.add_argument("--index", help="index directory or grpc:// servers (default: the bundled index)")
+    p.add_argument("--out", type=Path, required=True, help="experts directory (a stopped build resumes in it)")
+    p.add_argument("--pretrained", help="HF causal LM (default: the bundled one)")
+    p.add_argument("--dtype", default="auto", help="weights' dtype, as lm_eval's dtype= (default: %(default)s)")
+    add_settings_arguments(p, ExpertsSettings)
+    p.set_defaults(func=_cmd_experts_build)
     p = sub.add_parser("arguments", help="print every model argument of ttt-nn and its baselines, with its default "
                                          "and meaning (the README's table)")
     p.set_defaults(func=_cmd_arguments)

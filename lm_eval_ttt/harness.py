@@ -134,7 +134,7 @@ class NeighbourLM(HFLM):
         self.k = s.k if s is not None else 0
         self.retriever = retriever
         self._close = None  # closes the retriever this model opened (an injected one is its owner's)
-        if self.retriever is None and self.k > 0:
+        if self.retriever is None and self.needs_retriever():
             self.retriever = self.open_retriever(s)
             self._close = weakref.finalize(self, self.retriever.close)  # at the latest when collected or at exit
         self._identity: dict | None = None
@@ -157,6 +157,10 @@ class NeighbourLM(HFLM):
 
     def settings_of(self, group: type):
         return next((g for g in self.settings_groups if isinstance(g, group)), None)
+
+    def needs_retriever(self) -> bool:
+        """Whether the method opens the index (the settings are parsed, the model not loaded)."""
+        return self.k > 0
 
     def open_retriever(self, s: NeighbourSettings) -> Retriever:
         cache = Path(s.neighbour_cache) if s.neighbour_cache else ttt_home() / "neighbour-cache"

@@ -7,7 +7,9 @@ optimizer. With k = 0 nothing is trained and the answers are ``--model hf``'s.
 ``eval_at_k`` adds scoring points on the way (the paper's curve) without re-scoring after
 every neighbour. ``dyneval_iterations`` scores a rolling document by dynamic evaluation
 after the neighbours (``dyneval.py``). With ``adapter=lora, doc_batch=B`` the same happens
-for B documents at once, each with its own adapter.
+for B documents at once, each with its own adapter. With ``experts=DIR`` a document starts
+from the merged experts nearest its query embedding (``experts.py``) and all of the above
+happens on top of them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from index_server.encoder import CHARS_PER_TOKEN_BOUND
 
 from .documents import KINDS, REQUEST_TYPES, Document
 from .dyneval import score_dynamically
+from .experts import Experts, experts_problem
 from .harness import NeighbourLM
 from .retriever import Neighbours
 from .scoring import continuation_scores
@@ -45,6 +48,11 @@ class TTTNNLM(NeighbourLM):
         self.train_settings = self.settings_of(TrainSettings)
         self.ttt_settings = self.settings_of(TTTSettings)
         self.eval_at_k = scoring_points(self.ttt_settings.eval_at_k, self.k)
+        self.experts = None
+        if self.ttt_settings.experts is not None:  # on the plain model's layers, before a trainer wraps them
+            self.experts = Experts.load(self.ttt_settings.experts, self._model_fingerprint,
+                                        self.retriever.manifest.identity)
+            self.experts.attach(self.model.get_base_model() if self.peft else self.model)
         self.trainer = None  # k=0 without dynamic evaluation never trains: no trainer, no copy of the weights
         if self.k > 0 or self.ttt_settings.dyneval_iterations:
             self._model, self.trainer = build_trainer(
@@ -67,6 +75,10 @@ class TTTNNLM(NeighbourLM):
         if ttt.dyneval_iterations and train.doc_batch > 1:
             raise ModelArgumentError("dyneval_iterations scores each document window by window with its own steps: "
                                      "doc_batch must be 1")
+        if ttt.experts is not None and (problem := experts_problem(ttt.experts)):
+            raise ModelArgumentError(f"experts={problem}")
+        if ttt.experts is not None and train.doc_batch > 1:
+            raise ModelArgumentError("experts start each document from its own merged experts: doc_batch must be 1")
         if ttt.dyneval_iterations and ttt.eval_at_k:
             raise ModelArgumentError("dyneval_iterations changes the weights while the document is scored, so there "
                                      "is no curve over k: drop eval_at_k")
@@ -78,7 +90,21 @@ class TTTNNLM(NeighbourLM):
         identity = {**super().identity(), "lr": self.trainer.lr if self.trainer else None}
         if not self.ttt_settings.dyneval_iterations:
             del identity["dyneval_lr"]  # no step on the document: its rate changes no score
+        if self.experts is None:
+            del identity["experts_top"], identity["experts_temperature"]
+        else:
+            identity["experts_digest"] = self.experts.manifest.digest()
         return identity
+
+    def needs_retriever(self) -> bool:
+        """Experts are chosen by the query embedding of the index's encoder, even at k=0."""
+        return super().needs_retriever() or self.settings_of(TTTSettings).experts is not None
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        if self.experts is not None:  # the offline cost a reader weighs against the test-time seconds
+            info["ttt_nn"]["experts"] = self.experts.info()
+        return info
 
     def training_order(self, neighbours: Neighbours) -> Neighbours:
         """Farthest first (the order ablation) reverses the neighbours; their sigmas follow
@@ -130,6 +156,25 @@ class TTTNNLM(NeighbourLM):
         return results
 
     def score_documents(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
+        """With experts: the document's experts chosen and merged, then trained and scored on
+        top of them (``experts_s``: choosing and merging, the query's embedding included)."""
+        if self.experts is None:
+            return self._train_and_score(documents, neighbours)
+        (document,) = documents
+        with contextlib.ExitStack() as stack:
+            start = time.perf_counter()
+            query = self.retriever.query_vector(document.query(self.neighbour_settings.query))
+            choice = self.experts.choose(query, self.ttt_settings.experts_top, self.ttt_settings.experts_temperature)
+            stack.enter_context(self.experts.applied(choice))
+            seconds = time.perf_counter() - start
+            (record,) = self._train_and_score(documents, neighbours)
+        own = self.exclude_ids(document)
+        trained_on = {i for c in choice.ids for i in self.experts.manifest.experts[c].docs}
+        return [{**record, **choice.record(), "experts_s": seconds,
+                 # a validation document drawn from the corpus: did its experts train on it?
+                 **({"experts_trained_on_document": bool(own & trained_on)} if own else {})}]
+
+    def _train_and_score(self, documents: list[Document], neighbours: list[Neighbours]) -> list[dict]:
         """Train up to each scoring point, score, and reset at the end. A batch's scoring and
         reset time is split evenly over its documents; training time is the trainer's own
         account per document."""

@@ -10,7 +10,9 @@ ttt-nn run's curve) and to a ``--reference`` run. Tables: one row per task and m
 per byte against gradient steps, and against seconds per document with each task's Pareto
 front. Plots: bits per byte versus k, versus gradient steps, versus seconds per document
 (with the intervals as error bars), bars per task and method (with error bars), and training
-seconds per neighbour.
+seconds per neighbour. A run with experts (``experts=``) also shows their offline build
+seconds divided by the documents it evaluated, beside its test-time seconds, and after how
+many documents the build pays off against each slower run.
 
 Labels are what the user declared: the experiment file's labels under ``ttt-nn compare``,
 else the harness model and the model arguments its results recorded (paths left out).
@@ -56,6 +58,11 @@ class Run:
     tuned: dict | None = None  # what the results recorded of tuned=
     note: str = ""
     cpu: str | None = None  # the CPU the harness recorded: seconds compare only between runs on the same one
+    offline_s: float | None = None  # the experts' build seconds (clustering and training), once for any documents
+
+    @property
+    def offline_per_document(self) -> float | None:
+        return self.offline_s / self.documents if self.offline_s is not None and self.documents else None
 
     @property
     def steps_per_document(self) -> float | None:
@@ -190,7 +197,7 @@ def load_results(file: Path) -> list[Run]:
             wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
             records=run_records(Path(file), data, task), model=_model_of(config),
             resumed=int((info.get("this_process") or {}).get("resumed", 0)), tuned=tuned,
-            cpu=cpu_of(data),
+            cpu=cpu_of(data), offline_s=(info.get("experts") or {}).get("offline_s"),
         ))
     return runs
 
@@ -370,8 +377,9 @@ def _fronts(costed: list[tuple[Run, float, bool]]) -> set[int]:
 def cost_table(runs: list[Run]) -> str:
     """Bits per byte against seconds per document, with each task's Pareto front marked (one
     front per CPU: seconds measured on different CPUs do not compare)."""
-    lines = ["| task | method | s/doc | train s/doc | score s/doc | train tokens/doc | bits/byte | CPU "
-             "| Pareto front |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | s/doc | train s/doc | score s/doc | train tokens/doc | offline s/doc | bits/byte | CPU "
+             "| Pareto front |", "|---|---|---|---|---|---|---|---|---|---|"]
+    payoffs = []
     cpus = set()
     for task in sorted({r.task for r in runs}):
         costed = _costed(runs, task)
@@ -381,8 +389,21 @@ def cost_table(runs: list[Run]) -> str:
             parts = [run.per_document(f) for f in ("train_s", "score_s", "train_tokens")]
             cells = ["-" if v is None else f"{v:.1f}" if f != "train_tokens" else f"{v:.0f}"
                      for v, f in zip(parts, ("train_s", "score_s", "train_tokens"))]
+            offline = run.offline_per_document
             lines.append(f"| {task} | {run.label} | {seconds:.1f}{'' if logged else ' (wall)'} | {' | '.join(cells)} | "
-                         f"{run.metrics['bits_per_byte']:.4f} | {run.cpu or '?'} | {'yes' if i in front else ''} |")
+                         f"{'-' if offline is None else f'{offline:.1f}'} | {run.metrics['bits_per_byte']:.4f} | "
+                         f"{run.cpu or '?'} | {'yes' if i in front else ''} |")
+            if offline is not None:
+                slower = [(other.label, run.offline_s / (s - seconds)) for other, s, _ in costed
+                          if other.cpu == run.cpu and s > seconds]
+                payoffs.append(f"{run.label} ({task}): {run.offline_s:.0f} s offline; pays off after "
+                               + (", ".join(f"{n:.0f} documents against {label}" for label, n in slower)
+                                  if slower else "no number of documents (no slower run on its CPU)"))
+    if payoffs:
+        lines.append("\nOffline s/doc: the experts' build (clustering and training) divided by the documents the run "
+                     "evaluated; the build is paid once and amortised over every document scored with the experts. "
+                     "It pays off against a slower run once it costs less than their difference in test-time "
+                     "seconds:\n\n" + "\n".join(f"- {p}" for p in payoffs))
     if len(cpus) > 1:
         lines.append(f"\nThese runs were timed on {len(cpus)} CPUs ({'; '.join(sorted(c or '?' for c in cpus))}): "
                      "compare seconds only between runs on the same CPU; each CPU's runs have their own front.")
@@ -487,6 +508,10 @@ def plot_seconds(runs: list[Run], out: Path, found: dict[int, Intervals]) -> Pat
                         label=f"{n}: {run.label}" + ("" if logged else " (wall)")
                         + (f" [{run.cpu or '?'}]" if len(cpus) > 1 else ""))
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if run.offline_per_document is not None:  # the same run with its experts' build spread over its documents
+                ax.plot([x, x + run.offline_per_document], [y, y], linestyle=":", marker="o", markevery=[1],
+                         markerfacecolor="none", color=colours[(n - 1) % len(colours)],
+                         label=f"{n}: {run.label} + offline s/doc")
         for style, cpu in zip(itertools.cycle(("-", "--", ":", "-.")), cpus):
             mine = [i for i, (r, _, _) in enumerate(costed) if r.cpu == cpu]
             front = [mine[j] for j in pareto_front([points[i] for i in mine])]

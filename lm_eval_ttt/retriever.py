@@ -214,6 +214,14 @@ class Retriever:
         return {"queries": len(set(map(text_key, texts))), "searched": len(keys),
                 "seconds": time.perf_counter() - start}
 
+    def query_vector(self, text: str) -> np.ndarray:
+        """The embedding retrieval searches with for ``text``: that of this process's retrieval
+        of it, else encoded now."""
+        key = text_key(text)
+        found = self._queries.get(key) or next((c for slot, c in self._queries.items() if slot.startswith(f"{key}@")),
+                                               None)
+        return found.query if found is not None else self.encoder.encode([text])[0]
+
     def candidates(self, text: str, k: int) -> Candidates:
         key = text_key(text)
         return self._lookup(key, k) or self._search([key], [text], k)[0]

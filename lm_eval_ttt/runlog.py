@@ -26,7 +26,7 @@ from .jsonl import append_record, lock_for, read_records
 
 WAIT_MESSAGE_EVERY_S = 30.0
 # A document's logged seconds: together, what scoring it cost (model loading excluded).
-TIMINGS = ("retrieve_s", "train_s", "score_s", "reset_s")
+TIMINGS = ("retrieve_s", "experts_s", "train_s", "score_s", "reset_s")
 
 
 def document_seconds(record: dict) -> float:

@@ -15,6 +15,7 @@ field's type. Lists inside the comma-separated form use ``:`` (``eval_at_k=0:1:5
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import inspect
@@ -45,6 +46,9 @@ DEFAULT_DYNEVAL_LR = 2e-4
 # rates were chosen on the bundled index's validation documents (docs/compare/validation.md:
 # the tunes "top" and "top-combined"); `ttt-nn demo` shows it beside the paper's untuned rate.
 RECOMMENDED = {"k": 5, "train_layers": 6, "lr": 2e-4, "dyneval_iterations": 1, "dyneval_lr": 5e-4}
+# Merge weights of experts: TTMM's exp(-(1 - cosine) / beta^2) with beta = 0.2, a softmax over
+# the cosines at temperature beta^2 (Bertolissi et al., COLM 2025; rbertolissi/ttmerge).
+DEFAULT_EXPERTS_TEMPERATURE = 0.04
 # Training and scoring arithmetic: precision name -> torch dtype name (None: fp32 throughout).
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -181,6 +185,12 @@ class TTTSettings:
                                                 "default of ttt-nn-dyneval's lr too: one rate for one operation; "
                                                 "chosen for ttt-nn-dyneval on the bundled validation documents)",
                             above=0)
+    experts: str | None = arg(None, "experts directory (`ttt-nn experts build`): each document starts from the merged "
+                                    "experts nearest its query embedding, then takes its k neighbour steps (k=0: "
+                                    "experts alone) and optional dynamic evaluation", scoring=False)
+    experts_top: int = arg(1, "experts: how many of the nearest experts are merged", minimum=1)
+    experts_temperature: float = arg(DEFAULT_EXPERTS_TEMPERATURE, "experts: softmax temperature over the merged "
+                                                                  "experts' cosines (TTMM's beta^2)", above=0)
 
 
 @dataclass(frozen=True)
@@ -389,3 +399,19 @@ def arguments_table() -> str:
         rows += [f"| `{names.get(name, name)}` | {cell(default)} | {only}{text} |"
                  for name, default, text in help_rows([group])]
     return "\n".join(rows) + "\n"
+
+
+def add_settings_arguments(parser, group) -> None:
+    """One ``--flag`` per field of a settings dataclass: its type, default, help and checks."""
+    hints = typing.get_type_hints(group)
+    for f in dataclasses.fields(group):
+        def parse(value, name=f.name, meta=f.metadata, kind=hints[f.name]):
+            try:
+                parsed = coerce(name, kind, value)
+                _check(name, meta, parsed)
+            except ModelArgumentError as e:
+                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from e
+            return parsed
+
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parse, default=f.default,
+                            help=f"{f.metadata['help']} (default: {f.default})")

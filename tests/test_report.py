@@ -224,6 +224,29 @@ def test_bits_per_byte_against_seconds_marks_the_pareto_front(results, tmp_path)
     assert width >= 400 and height >= 300
 
 
+def test_experts_offline_cost_is_spread_over_the_documents_and_its_payoff_stated(results, tmp_path):
+    from lm_eval_ttt.report import Run, cost_table, plot_seconds
+
+    def run(label, seconds, offline=None):
+        return Run(tmp_path, "t", "ttt-nn", label, {"bits_per_byte": 1.0}, 48, 1.0, records=[{"score_s": seconds}],
+                   cpu="C", offline_s=offline)
+
+    runs = [run("experts", 2.0, offline=960.0), run("ttt-nn", 22.0), run("fast", 1.0)]
+    table = cost_table(runs)
+    (row,) = [line for line in table.splitlines() if line.startswith("| t | experts |")]
+    assert "| 20.0 |" in row  # 960 s over 48 documents
+    assert "experts (t): 960 s offline; pays off after 48 documents against ttt-nn" in table  # 960 / (22 - 2)
+    assert "against fast" not in table and "| t | ttt-nn | 22.0 | - | 22.0 | - | - |" in table
+    found = {id(r): type("NoInterval", (), {"bits_per_byte": None})() for r in runs}
+    width, height, _ = png_size(plot_seconds(runs, tmp_path / "offline.png", found))
+    assert width >= 400 and height >= 300
+    (results_file,) = sorted(results.rglob("results_*.json"))[-1:]
+    data = json.loads(results_file.read_text())
+    data["config"].setdefault("ttt_nn", {})["experts"] = {"offline_s": 100.0}
+    (tmp_path / "results_x.json").write_text(json.dumps(data))
+    assert {r.offline_s for r in load_runs([tmp_path / "results_x.json"])} == {100.0}  # read from the results
+
+
 def test_the_cpu_is_read_from_the_environment_lm_eval_records():
     from lm_eval_ttt.report import cpu_of
 

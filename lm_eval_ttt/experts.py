@@ -1,0 +1,251 @@
+"""Amortised test-time training: LoRA experts trained once per cluster of the index, merged per document.
+
+A directory of experts (``ttt-nn experts build``, ``experts_build.py``) holds ``experts.json``
+(``ExpertsManifest``: the model and index they belong to, the clustering, the training
+settings, per expert its documents, steps and seconds), ``centroids.npy`` (one unit-length
+key per cluster) and one ``expert-NNNNN.safetensors`` per cluster: the LoRA factors ``A``
+(r x in) and ``B`` (out x r) of every adapted linear layer, named by the layer's path in the
+plain model.
+
+At test time (``--model ttt-nn`` with ``experts=DIR``) the document's query embedding, the
+one retrieval computes, picks the ``experts_top`` experts whose keys have the highest
+cosine with it, weighted by a softmax over those cosines at ``experts_temperature`` (TTMM's
+``exp(-(1 - cos) / beta^2)`` with beta = 0.2 is a softmax at temperature 0.04). The merge is
+exact in delta W: each adapted layer adds ``sum_k w_k s (B_k A_k) x`` to its output, applied
+as one low-rank product of the concatenated factors (``A = [w_1 s A_1; ...]``,
+``B = [B_1 ... B_M]``, rank M r), never an average of the A and B factors apart (experts
+start from unrelated A, so averaged factors add cross terms ``B_k A_l`` that are noise). The
+offset sits beside the weights, not in them: whatever test-time training then updates
+(every weight, the top blocks, fresh adapters) starts from base + experts, and its reset
+returns there; leaving the document removes the offset, so the base weights are never
+written. The experts stay in memory across documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "experts.json"
+CENTROIDS = "centroids.npy"
+FORMAT = 1
+
+
+class ExpertsError(ValueError):
+    """An experts directory that is missing, incomplete, or built for another model or index."""
+
+
+def expert_file(cluster: int) -> str:
+    return f"expert-{cluster:05d}.safetensors"
+
+
+@dataclass
+class Expert:
+    """One cluster's expert: the corpus documents it trained on (in training order) and what
+    that cost; ``sha256`` empty until its file is written."""
+
+    cluster: int
+    docs: list[int]
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    sha256: str = ""
+
+
+@dataclass
+class ExpertsManifest:
+    """What an experts directory was built from and what it holds (``experts.json``)."""
+
+    pretrained: str  # the model's path or hub name at build time (the fingerprint is what is checked)
+    model: str  # harness.model_fingerprint of the base model
+    index: str  # the index's identity
+    vectors: str  # where the clustered vectors came from ("stored-f16", "exact", "re-embedded")
+    clustering: dict  # clusters, method, sample, seed, centroids' sha256
+    training: dict  # the LoRA and trainer settings, docs per expert, tokens per document
+    experts: list[Expert]
+    clustering_s: float = 0.0
+    cpu: str = ""  # the CPU that trained the experts (of the invocation that trained the last one)
+    format: int = FORMAT
+    plan: dict = field(default_factory=dict)  # how documents were chosen, in words
+
+    def build_key(self) -> dict:
+        """What must agree for a build to resume into this directory."""
+        return {"model": self.model, "index": self.index, "training": self.training,
+                "clusters": self.clustering["clusters"], "seed": self.clustering["seed"],
+                "sample": self.clustering["sample"]}
+
+    @property
+    def done(self) -> int:
+        return sum(1 for e in self.experts if e.sha256)
+
+    @property
+    def offline_s(self) -> float:
+        """Seconds the build spent: clustering plus every expert's training."""
+        return self.clustering_s + sum(e.seconds for e in self.experts)
+
+    def digest(self) -> str:
+        """Names the experts' content: the build and every expert file's hash."""
+        payload = json.dumps({**self.build_key(), "centroids": self.clustering["centroids_sha256"],
+                              "files": [e.sha256 for e in self.experts]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def read(cls, directory: Path) -> ExpertsManifest:
+        path = Path(directory) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+            data["experts"] = [Expert(**e) for e in data["experts"]]
+            manifest = cls(**data)
+        except FileNotFoundError:
+            raise ExpertsError(f"{directory}: not an experts directory (no {MANIFEST}; build one with "
+                               f"`ttt-nn experts build`)") from None
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ExpertsError(f"{path}: not an experts manifest of this version ({e})") from e
+        if manifest.format != FORMAT:
+            raise ExpertsError(f"{path}: experts format {manifest.format}, this version reads {FORMAT}")
+        return manifest
+
+
+def experts_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` holds no usable experts, as far as its manifest tells (milliseconds:
+    checked before the model loads), or None."""
+    try:
+        manifest = ExpertsManifest.read(Path(directory).expanduser())
+    except ExpertsError as e:
+        return str(e)
+    if manifest.done < len(manifest.experts):
+        return (f"{directory}: {manifest.done} of {len(manifest.experts)} experts built; run the same "
+                f"`ttt-nn experts build` again to finish them")
+    return None
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    """The experts a document starts from: cluster ids, nearest first, their merge weights
+    and the cosines that chose them."""
+
+    ids: list[int]
+    weights: list[float]
+    cosines: list[float]
+
+    def record(self) -> dict:
+        return {"experts": self.ids, "expert_weights": self.weights, "expert_cosines": self.cosines}
+
+
+def merge_weights(cosines: np.ndarray, top: int, temperature: float) -> ExpertChoice:
+    """The ``top`` highest cosines (ties: the smaller id) and a softmax over them at
+    ``temperature``, computed from the largest one down (no underflow to NaN)."""
+    order = np.lexsort((np.arange(len(cosines)), -cosines))[:top]
+    chosen = cosines[order].astype(np.float64)
+    logits = (chosen - chosen.max()) / temperature
+    weights = np.exp(logits) / np.exp(logits).sum()
+    return ExpertChoice([int(i) for i in order], [float(w) for w in weights], [float(c) for c in chosen])
+
+
+class Experts:
+    """Every expert of a directory in memory, attached to a model's linear layers."""
+
+    def __init__(self, directory: Path, manifest: ExpertsManifest, keys: np.ndarray,
+                 factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]):
+        self.directory, self.manifest, self.keys, self.factors = directory, manifest, keys, factors
+        self.scale = manifest.training["lora_alpha"] / manifest.training["lora_r"]
+        self._offsets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._hooks: list = []
+
+    @classmethod
+    def load(cls, directory: str | Path, model_fingerprint: str, index_identity: str) -> Experts:
+        """The experts of ``directory``, refused with one error naming both sides when they were
+        built for another model or index."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        if problem := experts_problem(directory):
+            raise ExpertsError(problem)
+        manifest = ExpertsManifest.read(directory)
+        if manifest.model != model_fingerprint or manifest.index != index_identity:
+            raise ExpertsError(
+                f"{directory}: experts built for model {manifest.model} ({manifest.pretrained}) and index "
+                f"{manifest.index}; this run has model {model_fingerprint} and index {index_identity}. Build experts "
+                f"for this model and index with `ttt-nn experts build`")
+        keys = np.load(directory / CENTROIDS)
+        factors = {}
+        for expert in manifest.experts:
+            if not expert.docs:
+                continue  # an empty cluster has no expert: never chosen
+            tensors = load_file(directory / expert_file(expert.cluster))
+            factors[expert.cluster] = {name[: -len(".A")]: (tensors[name], tensors[name[: -len(".A")] + ".B"])
+                                       for name in tensors if name.endswith(".A")}
+        return cls(directory, manifest, keys, factors)
+
+    def choose(self, query: np.ndarray, top: int, temperature: float) -> ExpertChoice:
+        """The experts nearest the query embedding (cosine to their keys)."""
+        q = np.asarray(query, dtype=np.float32)
+        norm = float(np.linalg.norm(q))
+        if not math.isfinite(norm) or norm == 0:
+            raise ExpertsError("the document's query embedding is zero or not finite: no expert can be chosen")
+        ids = sorted(self.factors)
+        cosines = self.keys[ids] @ (q / norm)
+        choice = merge_weights(cosines, min(top, len(ids)), temperature)
+        return ExpertChoice([ids[i] for i in choice.ids], choice.weights, choice.cosines)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Hooks on the linear layers the experts adapt (paths in ``model``, the plain model
+        before any test-time adapter wraps it; a wrapper keeps these modules as its base layers)."""
+        modules = dict(model.named_modules())
+        names = {name for layers in self.factors.values() for name in layers}
+        missing = sorted(names - modules.keys())
+        if missing:
+            raise ExpertsError(f"{self.directory}: the model has no layer {missing[0]} (and {len(missing) - 1} more) "
+                               f"that the experts adapt")
+        device = next(model.parameters()).device
+        self.factors = {c: {n: (a.to(device), b.to(device)) for n, (a, b) in layers.items()}
+                        for c, layers in self.factors.items()}
+        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(names)]
+
+    def _hook(self, name: str):
+        def add_offset(module, args, output):
+            if self._offsets is None or name not in self._offsets:
+                return output
+            a, b = self._offsets[name]
+            x = args[0]
+            return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype)
+
+        return add_offset
+
+    @contextlib.contextmanager
+    def applied(self, choice: ExpertChoice) -> Iterator[None]:
+        """Forward passes inside run with the chosen experts merged: per layer, the factors
+        concatenated with their weights (exact in delta W)."""
+        offsets = {}
+        for name in {n for c in choice.ids for n in self.factors[c]}:
+            parts = [(w * self.scale * self.factors[c][name][0], self.factors[c][name][1])
+                     for c, w in zip(choice.ids, choice.weights) if name in self.factors[c]]
+            offsets[name] = (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
+        self._offsets = offsets
+        try:
+            yield
+        finally:
+            self._offsets = None
+
+    def info(self) -> dict:
+        """What the results record of the experts: where, which, and their offline cost."""
+        m = self.manifest
+        return {"dir": str(self.directory.resolve()), "digest": m.digest(), "clusters": len(m.experts),
+                "docs_per_expert": m.training["docs_per_expert"], "offline_s": m.offline_s,
+                "clustering_s": m.clustering_s, "vectors": m.vectors, "cpu": m.cpu}
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []

@@ -1,0 +1,218 @@
+"""``ttt-nn experts build``: cluster an index's documents and train one LoRA expert per cluster.
+
+Clustering: a seeded sample of the index's documents (``SAMPLE_PER_CLUSTER`` per cluster,
+Faiss's own cap on the points k-means uses per centroid, or every document when the index
+is smaller), their vectors as the index keeps them (stored float16 copies or exact Flat
+vectors) or, for an index of lossy codes only (PQ), their texts re-embedded with the
+index's encoder: the manifest says which. The vectors are L2-normalised and clustered by
+Faiss's spherical k-means, so a centroid is the unit key the query's cosine is taken with.
+Each sampled document belongs to its nearest centroid.
+
+Documents per expert: up to ``docs_per_expert`` of the cluster's sampled documents, in a
+permutation seeded by the build seed and the cluster id, trained in that order, one step per
+chunk of ``max_length`` tokens of each document's first ``max_doc_tokens`` tokens: the same
+trainer (``trainers.build_trainer``, adapter=lora) and the same steps as test-time training
+on neighbours, reset between experts.
+
+The index is opened through ``open_index``, so a directory and gRPC shard servers serve
+alike. Every expert is written atomically as it finishes and the manifest with it; a build
+run again with the same settings resumes at the first missing expert, one with other
+settings is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from index_server.atomic import atomic_write
+from index_server.encoder import encoder_of
+from index_server.index import open_index
+
+from .experts import CENTROIDS, MANIFEST, Expert, ExpertsError, ExpertsManifest, expert_file
+from .lora import lora_layers
+from .settings import DEFAULT_LORA_LR, ModelArgumentError, TrainSettings, arg
+from .trainers import build_trainer
+
+SAMPLE_PER_CLUSTER = 256  # faiss.Kmeans's max_points_per_centroid: more points would be subsampled anyway
+KMEANS_ITERATIONS = 20
+VECTOR_BATCH = 4096
+PLAN = ("a seeded sample of the index's documents clustered by spherical k-means; per cluster, up to "
+        "docs_per_expert of its sampled documents in a permutation seeded by (seed, cluster), trained in that "
+        "order, one step per chunk")
+
+
+@dataclass(frozen=True)
+class ExpertsSettings:
+    """How experts are built (``ttt-nn experts build``; its help derives from these fields)."""
+
+    clusters: int = arg(32, "clusters of the index, one expert each", minimum=1)
+    docs_per_expert: int = arg(64, "documents each expert trains on (fewer when its cluster has fewer)", minimum=1)
+    lr: float = arg(DEFAULT_LORA_LR, "learning rate of the experts' training (LoRA's default rate)", above=0)
+    lora_r: int = arg(8, "adapter rank", minimum=1)
+    lora_alpha: float = arg(16.0, "adapter scaling numerator (scale = lora_alpha / lora_r)", above=0)
+    max_length: int = arg(256, "tokens per training chunk", minimum=2)
+    max_doc_tokens: int = arg(256, "tokens trained per document (its first)", minimum=2)
+    seed: int = arg(0, "seed of the sample, the clustering, the document choice and the adapters' initialisation",
+                    minimum=0)
+
+    def training(self) -> dict:
+        """The manifest's training settings (what the experts' deltas depend on)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("clusters", "seed")} | {"adapter": "lora"}
+
+
+def load_model(pretrained: str, dtype: str = "auto"):
+    """The causal LM and tokenizer as ``--model hf`` loads them (same weights, same fingerprint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(pretrained)
+
+
+def sample_vectors(index, ids: np.ndarray, progress: bool) -> tuple[np.ndarray, str]:
+    """The vectors of ``ids``: as the index keeps them, else their texts re-embedded."""
+    encoder, rows, source = None, [], None
+    for i in tqdm(range(0, len(ids), VECTOR_BATCH), desc="sample vectors", unit="batch", disable=not progress):
+        batch = ids[i : i + VECTOR_BATCH].tolist()
+        vectors, source = index.vectors(batch)
+        if vectors is None:
+            encoder = encoder or encoder_of(index.manifest.encoder)
+            texts = index.texts(batch)
+            if any(t is None for t in texts):
+                raise ExpertsError("cannot re-embed documents on a shard that is down")
+            vectors, source = encoder.encode(texts), "re-embedded"
+        rows.append(np.asarray(vectors, dtype=np.float32))
+    return np.concatenate(rows), source
+
+
+def cluster(vectors: np.ndarray, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit centroids, each vector's cluster) of spherical k-means on the normalised vectors."""
+    import faiss
+
+    x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    kmeans = faiss.Kmeans(x.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+                          max_points_per_centroid=SAMPLE_PER_CLUSTER)
+    kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
+    centroids = kmeans.centroids / np.maximum(np.linalg.norm(kmeans.centroids, axis=1, keepdims=True), 1e-12)
+    return centroids.astype(np.float32), np.argmax(x @ centroids.T, axis=1)
+
+
+def plan(index, settings: ExpertsSettings, model_fingerprint: str, pretrained: str,
+         progress: bool) -> tuple[ExpertsManifest, np.ndarray]:
+    """The clustering and every expert's documents, before any training."""
+    start = time.perf_counter()
+    n = index.manifest.n_vectors
+    if n < settings.clusters:
+        raise ExpertsError(f"the index has {n} documents, fewer than clusters={settings.clusters}")
+    rng = np.random.default_rng(settings.seed)
+    ids = np.sort(rng.choice(n, size=min(n, SAMPLE_PER_CLUSTER * settings.clusters), replace=False))
+    vectors, source = sample_vectors(index, ids, progress)
+    centroids, assigned = cluster(vectors, settings.clusters, settings.seed)
+    experts = []
+    for c in range(settings.clusters):
+        members = ids[assigned == c]
+        order = np.random.default_rng([settings.seed, c]).permutation(len(members))
+        experts.append(Expert(cluster=c, docs=[int(members[i]) for i in order[: settings.docs_per_expert]]))
+    manifest = ExpertsManifest(
+        pretrained=pretrained, model=model_fingerprint, index=index.manifest.identity, vectors=source,
+        clustering={"clusters": settings.clusters, "method": "faiss spherical k-means", "iterations": KMEANS_ITERATIONS,
+                    "sample": len(ids), "seed": settings.seed, "centroids_sha256": ""},
+        training=settings.training(), experts=experts, plan={"documents": PLAN})
+    manifest.clustering_s = time.perf_counter() - start
+    return manifest, centroids
+
+
+def _differences(a: dict, b: dict) -> str:
+    return "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k))
+
+
+def build_experts(index_spec: str, out: Path, settings: ExpertsSettings, pretrained: str, dtype: str = "auto",
+                  progress: bool = True) -> ExpertsManifest:
+    """Open the index and load the model, then ``train_experts``."""
+    model, tokenizer = load_model(pretrained, dtype)
+    index = open_index(index_spec)
+    try:
+        return train_experts(index, Path(out), settings, model, tokenizer, pretrained, progress)
+    finally:
+        index.close()
+
+
+def train_experts(index, out: Path, settings: ExpertsSettings, model, tokenizer, pretrained: str,
+                  progress: bool = True) -> ExpertsManifest:
+    """Build (or finish building) the experts of ``index`` (a ``KnnIndex``) in ``out``; see the
+    module docstring."""
+    from safetensors.torch import save
+
+    from .harness import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    if (out / MANIFEST).is_file():
+        manifest = ExpertsManifest.read(out)
+        wanted = {"model": fingerprint, "index": index.manifest.identity, "training": settings.training(),
+                  "clusters": settings.clusters, "seed": settings.seed,
+                  "sample": min(index.manifest.n_vectors, SAMPLE_PER_CLUSTER * settings.clusters)}
+        if manifest.build_key() != wanted:
+            raise ExpertsError(f"{out} holds experts built with other settings "
+                               f"({_differences(manifest.build_key(), wanted)}); build into another directory")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest, centroids = plan(index, settings, fingerprint, pretrained, progress)
+
+        def write_centroids(f):
+            np.save(f, centroids)
+
+        manifest.clustering["centroids_sha256"] = atomic_write(out / CENTROIDS, write_centroids)
+        atomic_write(out / MANIFEST, manifest.to_json())
+    train = TrainSettings(adapter="lora", lr=settings.lr, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha)
+    try:
+        adapted, trainer = build_trainer(model, train, max_length=settings.max_length, seed=settings.seed,
+                                         pad_id=tokenizer.pad_token_id or 0, peft_loaded=False)
+    except ModelArgumentError as e:
+        raise ExpertsError(str(e)) from e
+    layers = {name.removeprefix("base_model.model."): m for name, m in lora_layers(adapted).items()}
+    with tqdm(total=len(manifest.experts), initial=manifest.done, desc="experts", unit="expert",
+              disable=not progress) as bar:
+        for expert in manifest.experts:
+            if expert.sha256:
+                continue
+            start = time.perf_counter()
+            texts = index.texts(expert.docs)
+            if any(t is None for t in texts):
+                raise ExpertsError(f"expert {expert.cluster}: a shard holding its documents is down")
+            tokens = [tokenizer(t, add_special_tokens=False).input_ids[: settings.max_doc_tokens] for t in texts]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.seed * 1_000_003 + expert.cluster)
+                trainer.train([tokens])
+            work = trainer.work()[0]
+            tensors = {}
+            for name, m in layers.items():
+                tensors[f"{name}.A"] = m.lora_A["default"].weight.detach().cpu().contiguous().clone()
+                tensors[f"{name}.B"] = m.lora_B["default"].weight.detach().cpu().contiguous().clone()
+            trainer.reset()
+            expert.sha256 = atomic_write(out / expert_file(expert.cluster), save(tensors))
+            expert.steps, expert.tokens = work.steps, work.tokens
+            expert.seconds = time.perf_counter() - start
+            manifest.cpu = cpu_name()
+            atomic_write(out / MANIFEST, manifest.to_json())
+            bar.update(1)
+    return manifest
+
+
+def cpu_name() -> str:
+    """The CPU model this process runs on (offline seconds compare only on the same one)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
