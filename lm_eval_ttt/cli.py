@@ -17,9 +17,8 @@ from pathlib import Path
 from lm_eval.utils import handle_arg_string, simple_parse_args_string
 
 from .assets import bundled_lm_path, ensure_default_index, task_configs_dir
-from .experts_build import ExpertsSettings
 from .metrics import METRICS
-from .settings import NeighbourSettings, add_settings_arguments
+from .settings import ExpertsSettings, NeighbourSettings, add_settings_arguments
 from .tune import TuneConfig
 
 
@@ -131,7 +130,7 @@ def _cmd_arguments(args: argparse.Namespace) -> None:
 def _cmd_experts_build(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .experts_build import ExpertsSettings, build_experts
+    from .experts_build import build_experts
 
     settings = ExpertsSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertsSettings)})
     pretrained = args.pretrained or str(bundled_lm_path())

@@ -13,8 +13,9 @@ cosine with it, weighted by a softmax over those cosines at ``experts_temperatur
 ``exp(-(1 - cos) / beta^2)`` with beta = 0.2 is a softmax at temperature 0.04). The merge is
 exact in delta W: each adapted layer adds ``sum_k w_k s (B_k A_k) x`` to its output, applied
 as one low-rank product of the concatenated factors (``A = [w_1 s A_1; ...]``,
-``B = [B_1 ... B_M]``, rank M r), never an average of the A and B factors apart (experts
-start from unrelated A, so averaged factors add cross terms ``B_k A_l`` that are noise). The
+``B = [B_1 ... B_M]``, rank M r), never an average of the A and B factors apart: the product
+of averaged factors is not the average of the products (it adds cross terms ``B_k A_l``
+between experts whose trained A differ). The
 offset sits beside the weights, not in them: whatever test-time training then updates
 (every weight, the top blocks, fresh adapters) starts from base + experts, and its reset
 returns there; leaving the document removes the offset, so the base weights are never
@@ -130,6 +131,18 @@ def experts_problem(directory: str | Path) -> str | None:
     return None
 
 
+def _check_sha256(path: Path, expected: str) -> None:
+    """The file is the one the manifest names (the digest that names the logs rests on it)."""
+    if not path.is_file():
+        raise ExpertsError(f"{path}: missing (the manifest lists it)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ExpertsError(f"{path}: contents differ from the manifest's sha256 (modified or replaced)")
+
+
 @dataclass(frozen=True)
 class ExpertChoice:
     """The experts a document starts from: cluster ids, nearest first, their merge weights
@@ -178,11 +191,13 @@ class Experts:
                 f"{directory}: experts built for model {manifest.model} ({manifest.pretrained}) and index "
                 f"{manifest.index}; this run has model {model_fingerprint} and index {index_identity}. Build experts "
                 f"for this model and index with `ttt-nn experts build`")
+        _check_sha256(directory / CENTROIDS, manifest.clustering["centroids_sha256"])
         keys = np.load(directory / CENTROIDS)
         factors = {}
         for expert in manifest.experts:
             if not expert.docs:
                 continue  # an empty cluster has no expert: never chosen
+            _check_sha256(directory / expert_file(expert.cluster), expert.sha256)
             tensors = load_file(directory / expert_file(expert.cluster))
             factors[expert.cluster] = {name[: -len(".A")]: (tensors[name], tensors[name[: -len(".A")] + ".B"])
                                        for name in tensors if name.endswith(".A")}
@@ -208,9 +223,9 @@ class Experts:
         if missing:
             raise ExpertsError(f"{self.directory}: the model has no layer {missing[0]} (and {len(missing) - 1} more) "
                                f"that the experts adapt")
-        device = next(model.parameters()).device
-        self.factors = {c: {n: (a.to(device), b.to(device)) for n, (a, b) in layers.items()}
-                        for c, layers in self.factors.items()}
+        # each layer's factors where its weight lies (a model may span devices)
+        self.factors = {c: {n: (a.to(modules[n].weight.device), b.to(modules[n].weight.device))
+                            for n, (a, b) in layers.items()} for c, layers in self.factors.items()}
         self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(names)]
 
     def _hook(self, name: str):

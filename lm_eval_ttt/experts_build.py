@@ -23,21 +23,22 @@ settings is refused.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from index_server.atomic import atomic_write
+from index_server.atomic import atomic_write, remove_stale_temporaries
 from index_server.encoder import encoder_of
 from index_server.index import open_index
 
 from .experts import CENTROIDS, MANIFEST, Expert, ExpertsError, ExpertsManifest, expert_file
 from .lora import lora_layers
-from .settings import DEFAULT_LORA_LR, ModelArgumentError, TrainSettings, arg
+from .settings import ExpertsSettings, ModelArgumentError, TrainSettings
 from .trainers import build_trainer
+from .ttt import capped_tokens
 
 SAMPLE_PER_CLUSTER = 256  # faiss.Kmeans's max_points_per_centroid: more points would be subsampled anyway
 KMEANS_ITERATIONS = 20
@@ -47,32 +48,18 @@ PLAN = ("a seeded sample of the index's documents clustered by spherical k-means
         "order, one step per chunk")
 
 
-@dataclass(frozen=True)
-class ExpertsSettings:
-    """How experts are built (``ttt-nn experts build``; its help derives from these fields)."""
-
-    clusters: int = arg(32, "clusters of the index, one expert each", minimum=1)
-    docs_per_expert: int = arg(64, "documents each expert trains on (fewer when its cluster has fewer)", minimum=1)
-    lr: float = arg(DEFAULT_LORA_LR, "learning rate of the experts' training (LoRA's default rate)", above=0)
-    lora_r: int = arg(8, "adapter rank", minimum=1)
-    lora_alpha: float = arg(16.0, "adapter scaling numerator (scale = lora_alpha / lora_r)", above=0)
-    max_length: int = arg(256, "tokens per training chunk", minimum=2)
-    max_doc_tokens: int = arg(256, "tokens trained per document (its first)", minimum=2)
-    seed: int = arg(0, "seed of the sample, the clustering, the document choice and the adapters' initialisation",
-                    minimum=0)
-
-    def training(self) -> dict:
-        """The manifest's training settings (what the experts' deltas depend on)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("clusters", "seed")} | {"adapter": "lora"}
-
-
 def load_model(pretrained: str, dtype: str = "auto"):
-    """The causal LM and tokenizer as ``--model hf`` loads them (same weights, same fingerprint)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The causal LM and tokenizer as ``--model hf`` loads them (same weights, same fingerprint),
+    on the CPU: the build trains there."""
+    import transformers
+    from lm_eval.models.utils_hf import get_dtype
+    from packaging.version import Version
 
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    # lm-eval's own choice of the keyword: transformers renamed torch_dtype to dtype in 4.56
+    keyword = "dtype" if Version(transformers.__version__) >= Version("4.56.0") else "torch_dtype"
+    model = transformers.AutoModelForCausalLM.from_pretrained(pretrained, **{keyword: get_dtype(dtype)})
     model.eval()
-    return model, AutoTokenizer.from_pretrained(pretrained)
+    return model, transformers.AutoTokenizer.from_pretrained(pretrained)
 
 
 def sample_vectors(index, ids: np.ndarray, progress: bool) -> tuple[np.ndarray, str]:
@@ -111,7 +98,7 @@ def plan(index, settings: ExpertsSettings, model_fingerprint: str, pretrained: s
     if n < settings.clusters:
         raise ExpertsError(f"the index has {n} documents, fewer than clusters={settings.clusters}")
     rng = np.random.default_rng(settings.seed)
-    ids = np.sort(rng.choice(n, size=min(n, SAMPLE_PER_CLUSTER * settings.clusters), replace=False))
+    ids = np.sort(rng.choice(n, size=sample_size(n, settings), replace=False))
     vectors, source = sample_vectors(index, ids, progress)
     centroids, assigned = cluster(vectors, settings.clusters, settings.seed)
     experts = []
@@ -126,6 +113,17 @@ def plan(index, settings: ExpertsSettings, model_fingerprint: str, pretrained: s
         training=settings.training(), experts=experts, plan={"documents": PLAN})
     manifest.clustering_s = time.perf_counter() - start
     return manifest, centroids
+
+
+def sample_size(n: int, settings: ExpertsSettings) -> int:
+    return min(n, SAMPLE_PER_CLUSTER * settings.clusters)
+
+
+def build_key(settings: ExpertsSettings, model_fingerprint: str, index) -> dict:
+    """What a build's experts depend on (``ExpertsManifest.build_key`` of the manifest it writes)."""
+    return {"model": model_fingerprint, "index": index.manifest.identity, "training": settings.training(),
+            "clusters": settings.clusters, "seed": settings.seed,
+            "sample": sample_size(index.manifest.n_vectors, settings)}
 
 
 def _differences(a: dict, b: dict) -> str:
@@ -148,21 +146,32 @@ def train_experts(index, out: Path, settings: ExpertsSettings, model, tokenizer,
                   progress: bool = True) -> ExpertsManifest:
     """Build (or finish building) the experts of ``index`` (a ``KnnIndex``) in ``out``; see the
     module docstring."""
-    from safetensors.torch import save
-
     from .harness import model_fingerprint
 
     fingerprint = model_fingerprint(model)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(out / ".build.lock", timeout=0):
+            return _train(index, out, settings, model, tokenizer, pretrained, fingerprint, progress)
+    except Timeout:
+        raise ExpertsError(f"{out}: another build is writing these experts") from None
+
+
+def _train(index, out: Path, settings: ExpertsSettings, model, tokenizer, pretrained: str, fingerprint: str,
+           progress: bool) -> ExpertsManifest:
+    from safetensors.torch import save
+    from torch.utils.collect_env import get_pretty_env_info
+
+    from .report import cpu_of
+
+    remove_stale_temporaries(out)  # of a build killed mid-write
     if (out / MANIFEST).is_file():
         manifest = ExpertsManifest.read(out)
-        wanted = {"model": fingerprint, "index": index.manifest.identity, "training": settings.training(),
-                  "clusters": settings.clusters, "seed": settings.seed,
-                  "sample": min(index.manifest.n_vectors, SAMPLE_PER_CLUSTER * settings.clusters)}
+        wanted = build_key(settings, fingerprint, index)
         if manifest.build_key() != wanted:
             raise ExpertsError(f"{out} holds experts built with other settings "
                                f"({_differences(manifest.build_key(), wanted)}); build into another directory")
     else:
-        out.mkdir(parents=True, exist_ok=True)
         manifest, centroids = plan(index, settings, fingerprint, pretrained, progress)
 
         def write_centroids(f):
@@ -177,6 +186,7 @@ def train_experts(index, out: Path, settings: ExpertsSettings, model, tokenizer,
     except ModelArgumentError as e:
         raise ExpertsError(str(e)) from e
     layers = {name.removeprefix("base_model.model."): m for name, m in lora_layers(adapted).items()}
+    cpu = cpu_of({"pretty_env_info": get_pretty_env_info()}) or "?"  # as lm-eval records a run's environment
     with tqdm(total=len(manifest.experts), initial=manifest.done, desc="experts", unit="expert",
               disable=not progress) as bar:
         for expert in manifest.experts:
@@ -186,7 +196,7 @@ def train_experts(index, out: Path, settings: ExpertsSettings, model, tokenizer,
             texts = index.texts(expert.docs)
             if any(t is None for t in texts):
                 raise ExpertsError(f"expert {expert.cluster}: a shard holding its documents is down")
-            tokens = [tokenizer(t, add_special_tokens=False).input_ids[: settings.max_doc_tokens] for t in texts]
+            tokens = capped_tokens(tokenizer, texts, settings.max_doc_tokens)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.seed * 1_000_003 + expert.cluster)
                 trainer.train([tokens])
@@ -199,20 +209,8 @@ def train_experts(index, out: Path, settings: ExpertsSettings, model, tokenizer,
             expert.sha256 = atomic_write(out / expert_file(expert.cluster), save(tensors))
             expert.steps, expert.tokens = work.steps, work.tokens
             expert.seconds = time.perf_counter() - start
-            manifest.cpu = cpu_name()
+            manifest.cpu = cpu
             atomic_write(out / MANIFEST, manifest.to_json())
             bar.update(1)
     return manifest
 
-
-def cpu_name() -> str:
-    """The CPU model this process runs on (offline seconds compare only on the same one)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"

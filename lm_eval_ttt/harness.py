@@ -159,7 +159,7 @@ class NeighbourLM(HFLM):
         return next((g for g in self.settings_groups if isinstance(g, group)), None)
 
     def needs_retriever(self) -> bool:
-        """Whether the method opens the index (the settings are parsed, the model not loaded)."""
+        """Whether the method opens the index (asked once the model is loaded)."""
         return self.k > 0
 
     def open_retriever(self, s: NeighbourSettings) -> Retriever:

@@ -18,8 +18,6 @@ import contextlib
 import dataclasses
 import time
 
-from index_server.encoder import CHARS_PER_TOKEN_BOUND
-
 from .documents import KINDS, REQUEST_TYPES, Document
 from .dyneval import score_dynamically
 from .experts import Experts, experts_problem
@@ -29,6 +27,7 @@ from .scoring import continuation_scores
 from .settings import ModelArgumentError, NeighbourSettings, RunSettings, TrainSettings, TTTSettings
 from .trainer import TrainWork
 from .trainers import build_trainer, check_train_settings, implied_hf_kwargs
+from .ttt import capped_tokens
 
 
 def scoring_points(eval_at_k: tuple[int, ...] | None, k: int) -> list[int]:
@@ -52,7 +51,7 @@ class TTTNNLM(NeighbourLM):
         if self.ttt_settings.experts is not None:  # on the plain model's layers, before a trainer wraps them
             self.experts = Experts.load(self.ttt_settings.experts, self._model_fingerprint,
                                         self.retriever.manifest.identity)
-            self.experts.attach(self.model.get_base_model() if self.peft else self.model)
+            self.experts.attach(self.model)
         self.trainer = None  # k=0 without dynamic evaluation never trains: no trainer, no copy of the weights
         if self.k > 0 or self.ttt_settings.dyneval_iterations:
             self._model, self.trainer = build_trainer(
@@ -77,6 +76,8 @@ class TTTNNLM(NeighbourLM):
                                      "doc_batch must be 1")
         if ttt.experts is not None and (problem := experts_problem(ttt.experts)):
             raise ModelArgumentError(f"experts={problem}")
+        if ttt.experts is not None and hf_kwargs.get("peft"):
+            raise ModelArgumentError("experts are built on the plain model: they cannot be combined with peft=")
         if ttt.experts is not None and train.doc_batch > 1:
             raise ModelArgumentError("experts start each document from its own merged experts: doc_batch must be 1")
         if ttt.dyneval_iterations and ttt.eval_at_k:
@@ -94,6 +95,8 @@ class TTTNNLM(NeighbourLM):
             del identity["experts_top"], identity["experts_temperature"]
         else:
             identity["experts_digest"] = self.experts.manifest.digest()
+            if self.ttt_settings.experts_top == 1:
+                del identity["experts_temperature"]  # one expert has weight 1 at any temperature
         return identity
 
     def needs_retriever(self) -> bool:
@@ -116,9 +119,7 @@ class TTTNNLM(NeighbourLM):
 
     def neighbour_tokens(self, neighbours: Neighbours) -> list[list[int]]:
         """Each neighbour's tokens, its first ``max_neighbor_tokens`` when capped."""
-        cap = self.ttt_settings.max_neighbor_tokens
-        texts = [t[: cap * CHARS_PER_TOKEN_BOUND] if cap else t for t in neighbours.texts]
-        return [self.tokenizer(t, add_special_tokens=False).input_ids[:cap] for t in texts]
+        return capped_tokens(self.tokenizer, neighbours.texts, self.ttt_settings.max_neighbor_tokens)
 
     def document_batches(self, documents: list[Document]) -> list[list[Document]]:
         """As many documents as the trainer trains at once, similar lengths together (less padding)."""
@@ -161,11 +162,10 @@ class TTTNNLM(NeighbourLM):
         if self.experts is None:
             return self._train_and_score(documents, neighbours)
         (document,) = documents
-        with contextlib.ExitStack() as stack:
-            start = time.perf_counter()
-            query = self.retriever.query_vector(document.query(self.neighbour_settings.query))
-            choice = self.experts.choose(query, self.ttt_settings.experts_top, self.ttt_settings.experts_temperature)
-            stack.enter_context(self.experts.applied(choice))
+        start = time.perf_counter()
+        query = self.retriever.query_vector(document.query(self.neighbour_settings.query))
+        choice = self.experts.choose(query, self.ttt_settings.experts_top, self.ttt_settings.experts_temperature)
+        with self.experts.applied(choice):
             seconds = time.perf_counter() - start
             (record,) = self._train_and_score(documents, neighbours)
         own = self.exclude_ids(document)

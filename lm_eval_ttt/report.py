@@ -59,10 +59,13 @@ class Run:
     note: str = ""
     cpu: str | None = None  # the CPU the harness recorded: seconds compare only between runs on the same one
     offline_s: float | None = None  # the experts' build seconds (clustering and training), once for any documents
+    offline_documents: int = 0  # the documents of every task of the run's results: the build is spread over all
+    offline_cpu: str | None = None  # the CPU that built the experts
 
     @property
     def offline_per_document(self) -> float | None:
-        return self.offline_s / self.documents if self.offline_s is not None and self.documents else None
+        documents = self.offline_documents or self.documents
+        return self.offline_s / documents if self.offline_s is not None and documents else None
 
     @property
     def steps_per_document(self) -> float | None:
@@ -185,6 +188,8 @@ def load_results(file: Path) -> list[Run]:
     info = config.get("ttt_nn") or {}
     method = info.get("settings", {}).get("method") or config.get("model", "?")
     tuned = info.get("tuned")
+    experts = info.get("experts") or {}
+    every_task = sum(int(n.get("effective", 0)) for n in data.get("n-samples", {}).values())
     runs = []
     for task, row in data["results"].items():
         if f"{METRICS[0]},none" not in row:
@@ -197,7 +202,8 @@ def load_results(file: Path) -> list[Run]:
             wall_s=float(data.get("total_evaluation_time_seconds", "nan")),
             records=run_records(Path(file), data, task), model=_model_of(config),
             resumed=int((info.get("this_process") or {}).get("resumed", 0)), tuned=tuned,
-            cpu=cpu_of(data), offline_s=(info.get("experts") or {}).get("offline_s"),
+            cpu=cpu_of(data), offline_s=experts.get("offline_s"), offline_documents=every_task,
+            offline_cpu=experts.get("cpu"),
         ))
     return runs
 
@@ -396,7 +402,9 @@ def cost_table(runs: list[Run]) -> str:
             if offline is not None:
                 slower = [(other.label, run.offline_s / (s - seconds)) for other, s, _ in costed
                           if other.cpu == run.cpu and s > seconds]
-                payoffs.append(f"{run.label} ({task}): {run.offline_s:.0f} s offline; pays off after "
+                elsewhere = (f" (built on {run.offline_cpu}, run on {run.cpu}: seconds of two CPUs)"
+                             if run.offline_cpu and run.offline_cpu != run.cpu else "")
+                payoffs.append(f"{run.label} ({task}): {run.offline_s:.0f} s offline{elsewhere}; pays off after "
                                + (", ".join(f"{n:.0f} documents against {label}" for label, n in slower)
                                   if slower else "no number of documents (no slower run on its CPU)"))
     if payoffs:

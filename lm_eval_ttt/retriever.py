@@ -113,6 +113,11 @@ class NeighbourCache:
             return None
         return Candidates(entry["ids"][:k], entry["distances"][:k], _unpack(entry["query"]), [], True)
 
+    def query(self, key: str) -> np.ndarray | None:
+        """The query vector of a cached retrieval of ``key`` (at any k), or None."""
+        entry = self._entries.get(key)
+        return _unpack(entry["query"]) if entry is not None else None
+
     def put(self, key: str, k: int, found: Candidates) -> None:
         entry = {"key": key, "k": k, "ids": found.ids, "distances": found.distances, "query": _pack(found.query)}
         self._entries[key] = entry
@@ -149,6 +154,7 @@ class Retriever:
             suffix = hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:8]
             self.cache = NeighbourCache(Path(cache_dir) / f"{self.manifest.identity}-{suffix}.jsonl")
         self._queries: dict[str, Candidates] = {}  # this process's retrievals, cached or not
+        self._query_vectors: dict[str, np.ndarray] = {}  # text key -> the vector it was (or will be) searched with
 
     @classmethod
     def open(cls, settings: NeighbourSettings, cache_dir: Path | None = None, device: str = "cpu") -> Retriever:
@@ -169,13 +175,16 @@ class Retriever:
         return key if self._prefix_safe else f"{key}@{k}"
 
     def _lookup(self, key: str, k: int) -> Candidates | None:
-        key = self._slot(key, k)
-        found = self._queries.get(key)
-        if found is not None and len(found.ids) >= min(k, self.manifest.n_vectors):
-            return found
-        return self.cache.get(key, k) if self.cache else None
+        slot = self._slot(key, k)
+        found = self._queries.get(slot)
+        if found is None or len(found.ids) < min(k, self.manifest.n_vectors):
+            found = self.cache.get(slot, k) if self.cache else None
+        if found is not None:
+            self._query_vectors.setdefault(key, found.query)
+        return found
 
     def _store(self, key: str, k: int, found: Candidates) -> None:
+        self._query_vectors.setdefault(key, found.query)
         key = self._slot(key, k)
         self._queries[key] = found
         if self.cache and not found.missing_shards:  # never cache a degraded answer
@@ -215,12 +224,14 @@ class Retriever:
                 "seconds": time.perf_counter() - start}
 
     def query_vector(self, text: str) -> np.ndarray:
-        """The embedding retrieval searches with for ``text``: that of this process's retrieval
-        of it, else encoded now."""
+        """The embedding retrieval searches with for ``text``: that of its retrieval (in this
+        process or the neighbour cache, at any k), else encoded now and kept, so a document
+        gets the same vector however it was retrieved before."""
         key = text_key(text)
-        found = self._queries.get(key) or next((c for slot, c in self._queries.items() if slot.startswith(f"{key}@")),
-                                               None)
-        return found.query if found is not None else self.encoder.encode([text])[0]
+        if key not in self._query_vectors:
+            cached = self.cache.query(key) if self.cache else None  # kept per k (key@k) where k changes the search
+            self._query_vectors[key] = cached if cached is not None else self.encoder.encode([text])[0]
+        return self._query_vectors[key]
 
     def candidates(self, text: str, k: int) -> Candidates:
         key = text_key(text)

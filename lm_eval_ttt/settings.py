@@ -210,6 +210,27 @@ class DynamicEvalSettings:
     iterations: int = arg(1, "AdamW steps on each window after scoring it", minimum=0)
 
 
+@dataclass(frozen=True)
+class ExpertsSettings:
+    """How experts are built (``ttt-nn experts build``; its help derives from these fields)."""
+
+    clusters: int = arg(32, "clusters of the index, one expert each", minimum=1)
+    docs_per_expert: int = arg(64, "documents each expert trains on (fewer when its cluster has fewer)", minimum=1)
+    lr: float = arg(DEFAULT_LORA_LR, "learning rate of the experts' training (LoRA's default rate)", above=0)
+    lora_r: int = arg(TrainSettings.lora_r, "adapter rank", minimum=1)
+    lora_alpha: float = arg(TrainSettings.lora_alpha, "adapter scaling numerator (scale = lora_alpha / lora_r)",
+                            above=0)
+    max_length: int = arg(256, "tokens per training chunk", minimum=2)
+    max_doc_tokens: int = arg(256, "tokens trained per document (its first)", minimum=2)
+    seed: int = arg(0, "seed of the sample, the clustering, the document choice and the adapters' initialisation",
+                    minimum=0)
+
+    def training(self) -> dict:
+        """The manifest's training settings (what the experts' deltas depend on)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("clusters", "seed")} | {
+            "adapter": "lora"}
+
+
 ALIASES = {"lambda": "lam"}
 # Arguments of HFLM that only decide where or how fast things run, never a score.
 HF_NON_SCORING = frozenset({

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from index_server.encoder import CHARS_PER_TOKEN_BOUND
+
 from .settings import PRECISIONS
 from .trainer import TrainWork
 
@@ -59,6 +61,13 @@ def chunk_tokens(token_ids: Sequence[int], max_length: int, cap: int | None = No
     ids = list(token_ids[:cap] if cap is not None else token_ids)
     chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
     return [c for c in chunks if len(c) >= MIN_CHUNK_TOKENS]
+
+
+def capped_tokens(tokenizer, texts: Sequence[str], cap: int | None) -> list[list[int]]:
+    """Each text's tokens, its first ``cap`` when capped (the text is cut first where no
+    tokenizer needs more characters for ``cap`` tokens, so a long text is not tokenised whole)."""
+    texts = [t[: cap * CHARS_PER_TOKEN_BOUND] if cap else t for t in texts]
+    return [tokenizer(t, add_special_tokens=False).input_ids[:cap] for t in texts]
 
 
 def make_adamw(params: list[torch.nn.Parameter], config: TTTConfig) -> torch.optim.AdamW:

@@ -21,11 +21,11 @@ from lm_eval_ttt.experts import (
     expert_file,
     merge_weights,
 )
-from lm_eval_ttt.experts_build import ExpertsSettings, load_model, train_experts
+from lm_eval_ttt.experts_build import load_model, train_experts
 from lm_eval_ttt.harness import model_fingerprint
 from lm_eval_ttt.model import TTTNNLM
 from lm_eval_ttt.runlog import read_log
-from lm_eval_ttt.settings import ModelArgumentError
+from lm_eval_ttt.settings import ExpertsSettings, ModelArgumentError
 from lm_eval_ttt.ttt import chunk_tokens
 
 SETTINGS = ExpertsSettings(clusters=3, docs_per_expert=4, lr=1e-2, lora_r=4, max_length=64, max_doc_tokens=96)
@@ -182,6 +182,32 @@ def test_neighbour_steps_and_fresh_adapters_start_from_the_experts(built, tiny_l
         assert all(r["train_steps"] > 0 and r["results"] != r["results_at_k"]["0"] for r in records)
 
 
+def test_dynamic_evaluation_starts_from_the_experts(built, tiny_lm, corpus_texts, test_docs, tmp_path):
+    out, _ = built
+    docs = requests(test_docs[:2])
+    args = dict(k=0, experts=str(out), dyneval_iterations=1, dyneval_lr=1e-3)
+    with_experts = fake_lm(TTTNNLM, tmp_path / "e", tiny_lm, corpus_texts[:120], **args)
+    alone = fake_lm(TTTNNLM, tmp_path / "d", tiny_lm, corpus_texts[:120], k=0, dyneval_iterations=1,
+                    dyneval_lr=1e-3)
+    scores = with_experts.loglikelihood_rolling(docs, disable_tqdm=True)
+    assert scores != alone.loglikelihood_rolling(docs, disable_tqdm=True)
+    records = list(read_log(with_experts.log_stem).values())
+    assert all(r["experts"] and r["document_steps"] > 0 and r["neighbour_steps"] == 0 for r in records)
+
+
+def test_the_query_vector_is_the_one_retrieval_searched_with(corpus_texts, tmp_path):
+    from conftest import fake_retriever
+
+    retriever = fake_retriever(tmp_path, corpus_texts[:50])
+    retriever.neighbours(corpus_texts[7], 3)
+    searched = retriever.query_vector(corpus_texts[7])
+    again = fake_retriever(tmp_path, corpus_texts[:50])  # a new process: from the neighbour cache on disk
+    calls = again.encoder.calls
+    assert np.array_equal(again.query_vector(corpus_texts[7]), searched) and again.encoder.calls == calls
+    fresh = again.query_vector(corpus_texts[9])  # never retrieved: encoded once, then kept
+    assert again.encoder.calls == calls + 1 and again.query_vector(corpus_texts[9]) is fresh
+
+
 def test_experts_of_another_model_or_an_unfinished_build_are_refused(built, tiny_lm, corpus_texts, tmp_path):
     out, _ = built
     other = tmp_path / "other"
@@ -202,6 +228,16 @@ def test_experts_of_another_model_or_an_unfinished_build_are_refused(built, tiny
         TTTNNLM(pretrained="/nonexistent", experts=str(tmp_path))
     with pytest.raises(ModelArgumentError, match="doc_batch must be 1"):
         TTTNNLM(pretrained="/nonexistent", experts=str(out), adapter="lora", doc_batch=2)
+    with pytest.raises(ModelArgumentError, match="peft="):
+        TTTNNLM(pretrained="/nonexistent", experts=str(out), peft="/some/adapter")
+    data = json.loads((out / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps(data))
+    (other / expert_file(0)).write_bytes((out / expert_file(1)).read_bytes())  # a file swapped
+    with pytest.raises(ExpertsError, match="differ from the manifest"):
+        Experts.load(other, data["model"], data["index"])
+    experts = Experts.load(out, data["model"], data["index"])
+    with pytest.raises(ExpertsError, match="zero or not finite"):
+        experts.choose(np.zeros(experts.keys.shape[1]), 1, 0.04)
 
 
 def test_stock_lm_eval_runs_experts_built_by_the_cli_on_a_real_index(small_index, tiny_lm, capsys, tmp_path):

@@ -237,6 +237,9 @@ def test_experts_offline_cost_is_spread_over_the_documents_and_its_payoff_stated
     assert "| 20.0 |" in row  # 960 s over 48 documents
     assert "experts (t): 960 s offline; pays off after 48 documents against ttt-nn" in table  # 960 / (22 - 2)
     assert "against fast" not in table and "| t | ttt-nn | 22.0 | - | 22.0 | - | - |" in table
+    assert "two CPUs" not in table
+    runs[0].offline_cpu = "B"
+    assert "960 s offline (built on B, run on C: seconds of two CPUs)" in cost_table(runs)
     found = {id(r): type("NoInterval", (), {"bits_per_byte": None})() for r in runs}
     width, height, _ = png_size(plot_seconds(runs, tmp_path / "offline.png", found))
     assert width >= 400 and height >= 300
