@@ -401,17 +401,19 @@ def cost_table(runs: list[Run]) -> str:
                          f"{run.cpu or '?'} | {'yes' if i in front else ''} |")
             if offline is not None:
                 slower = [(other.label, run.offline_s / (s - seconds)) for other, s, _ in costed
-                          if other.cpu == run.cpu and s > seconds]
+                          if other.cpu == run.cpu and s > seconds and other.offline_s is None]
                 elsewhere = (f" (built on {run.offline_cpu}, run on {run.cpu}: seconds of two CPUs)"
                              if run.offline_cpu and run.offline_cpu != run.cpu else "")
-                payoffs.append(f"{run.label} ({task}): {run.offline_s:.0f} s offline{elsewhere}; pays off after "
-                               + (", ".join(f"{n:.0f} documents against {label}" for label, n in slower)
-                                  if slower else "no number of documents (no slower run on its CPU)"))
+                payoffs.append(f"{run.label} ({task}): {run.offline_s:.0f} s offline{elsewhere}; fewer seconds in all "
+                               "after " + (", ".join(f"{n:.0f} documents than {label}" for label, n in slower)
+                                           if slower else "no number of documents (no slower run without experts "
+                                                          "on its CPU)"))
     if payoffs:
         lines.append("\nOffline s/doc: the experts' build (clustering and training) divided by the documents the run "
                      "evaluated; the build is paid once and amortised over every document scored with the experts. "
-                     "It pays off against a slower run once it costs less than their difference in test-time "
-                     "seconds:\n\n" + "\n".join(f"- {p}" for p in payoffs))
+                     "Build plus test-time seconds fall below those of a slower run without experts once the "
+                     "documents' savings exceed the build (seconds only; bits per byte are in the tables above):"
+                     "\n\n" + "\n".join(f"- {p}" for p in payoffs))
     if len(cpus) > 1:
         lines.append(f"\nThese runs were timed on {len(cpus)} CPUs ({'; '.join(sorted(c or '?' for c in cpus))}): "
                      "compare seconds only between runs on the same CPU; each CPU's runs have their own front.")

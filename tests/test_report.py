@@ -231,12 +231,14 @@ def test_experts_offline_cost_is_spread_over_the_documents_and_its_payoff_stated
         return Run(tmp_path, "t", "ttt-nn", label, {"bits_per_byte": 1.0}, 48, 1.0, records=[{"score_s": seconds}],
                    cpu="C", offline_s=offline)
 
-    runs = [run("experts", 2.0, offline=960.0), run("ttt-nn", 22.0), run("fast", 1.0)]
+    runs = [run("experts", 2.0, offline=960.0), run("ttt-nn", 22.0), run("fast", 1.0),
+            run("experts-slow", 30.0, offline=960.0)]
     table = cost_table(runs)
     (row,) = [line for line in table.splitlines() if line.startswith("| t | experts |")]
     assert "| 20.0 |" in row  # 960 s over 48 documents
-    assert "experts (t): 960 s offline; pays off after 48 documents against ttt-nn" in table  # 960 / (22 - 2)
-    assert "against fast" not in table and "| t | ttt-nn | 22.0 | - | 22.0 | - | - |" in table
+    assert "experts (t): 960 s offline; fewer seconds in all after 48 documents than ttt-nn" in table  # 960/(22-2)
+    assert "than fast" not in table and "than experts-slow" not in table  # faster, or built alike
+    assert "| t | ttt-nn | 22.0 | - | 22.0 | - | - |" in table
     assert "two CPUs" not in table
     runs[0].offline_cpu = "B"
     assert "960 s offline (built on B, run on C: seconds of two CPUs)" in cost_table(runs)
