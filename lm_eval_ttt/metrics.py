@@ -23,7 +23,8 @@ def utf8_bytes(texts: Sequence[str]) -> int:
 
 def curve_points(records: Sequence[dict]) -> list[tuple[int, float, float]]:
     """(k, gradient steps per document up to k, bits per byte) from the ``results_at_k`` of
-    rolling documents' log records."""
+    rolling documents' log records. The steps are the neighbour steps up to k plus, with
+    dynamic evaluation (a run of one scoring point), those on the document's own windows."""
     docs = [r for r in records if "results_at_k" in r and r.get("request_type") == ROLLING]
     if not docs:
         return []
@@ -37,7 +38,8 @@ def curve_points(records: Sequence[dict]) -> list[tuple[int, float, float]]:
     for k in sorted(int(k) for k in richest["results_at_k"]):
         # a document's weights at k are those after the neighbours it had up to k
         lls = [_score_at(r["results_at_k"], k)[0] for r, c in zip(docs, copies) for _ in range(c)]
-        steps = sum(len(losses) for r in docs for losses in r.get("chunk_losses", [])[:k]) / len(docs)
+        steps = sum(sum(len(losses) for losses in r.get("chunk_losses", [])[:k]) + r.get("document_steps", 0)
+                    for r in docs) / len(docs)
         points.append((k, steps, bits_per_byte(lls, total_bytes)))
     return points
 

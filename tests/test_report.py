@@ -158,6 +158,17 @@ def test_a_document_that_stopped_early_adds_no_point_of_its_own(tmp_path):
     assert curve_points(run_)[1][2] == pytest.approx(bits_per_byte([-60.0, -70.0, -70.0], 300))
 
 
+def test_the_steps_at_a_point_count_dynamic_evaluation_on_the_document(tmp_path):
+    """Neighbours, then dynamic evaluation: the steps at its (only) scoring point are the
+    neighbour steps plus those on the document's own windows, as steps/doc counts them."""
+    from lm_eval_ttt.report import Run
+
+    record = {"request_type": ROLLING, "bytes": 100, "results": [-50.0], "results_at_k": {"2": [-50.0]},
+              "chunk_losses": [[1.0], [1.0, 1.0]], "neighbour_steps": 3, "document_steps": 4, "train_steps": 7}
+    (point,) = curve_points(Run(tmp_path, "t", "ttt-nn", "ttt-nn", {}, 1, 0.0, records=[record]))
+    assert point[:2] == (2, 7)
+
+
 def test_labels_are_the_arguments_as_given_without_paths():
     """No guessing back from settings: the model and what it was given, paths and devices left out."""
     from lm_eval_ttt.report import label_from_args
