@@ -116,7 +116,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     chosen = dict(kv.split("=", 1) for kv in args.chosen)
     # the report reads logs and results only: it needs neither the index nor the document files
     experiment = load(args.experiment, check_paths=not args.report_only)
-    result = run(experiment, only=args.only, chosen=chosen, print_plan=args.plan, report_only=args.report_only)
+    result = run(experiment, only=args.only, chosen=chosen, print_plan=args.plan, report_only=args.report_only,
+                 tune_only=args.tune_only)
     if args.plan:
         print("\n".join(result) if result else "# nothing left to run: ttt-nn compare --report-only writes the report")
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "scheduler; run nothing")
     mode.add_argument("--report-only", action="store_true",
                       help="run nothing: write the report from the tunes and runs finished so far")
+    mode.add_argument("--tune-only", action="store_true",
+                      help="run the tunes only and print their table; score no test document")
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("experts", help="amortised test-time training: LoRA experts, one per cluster of an index")
     experts = p.add_subparsers(dest="experts_command", required=True)

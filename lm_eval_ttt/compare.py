@@ -16,7 +16,9 @@ record). Under the experiment's ``out`` directory:
 
 ``--plan`` prints the tune and ``lm_eval`` commands that can run now, one per line, for a
 scheduler of the user's (what waits for a tune says so as a comment); ``--report-only``
-reads back whatever has finished and writes the report. No scheduler of our own.
+reads back whatever has finished and writes the report; ``--tune-only`` runs the tunes and
+prints their table, scoring no test document (a choice among variants that are then declared
+in another experiment, e.g. builds of experts). No scheduler of our own.
 """
 
 from __future__ import annotations
@@ -325,7 +327,8 @@ def tune_argv(config: TuneConfig) -> list[str]:
 
 
 def run(experiment: Experiment, only: list[str] | None = None, chosen: dict[str, str] | None = None,
-        print_plan: bool = False, report_only: bool = False, echo=print) -> list[str] | tuple[str, list[Path]]:
+        print_plan: bool = False, report_only: bool = False, tune_only: bool = False,
+        echo=print) -> list[str] | str | tuple[str, list[Path]]:
     """Tune, run and report (see the module docstring)."""
     for label in only or []:
         if label not in experiment.labels:
@@ -336,8 +339,15 @@ def run(experiment: Experiment, only: list[str] | None = None, chosen: dict[str,
         record = c.records[label]
         echo(f"{label}: {record.param}={record.value} given with --chosen (recorded as not tuned)")
     selected = steps(experiment, only)
+    if tune_only:
+        selected = [s for s in selected if s.kind == "tune"]
     if print_plan:
         return plan(c, selected)
+    if tune_only:
+        _execute(c, selected, echo)
+        table = _tunes(c)
+        echo(table)
+        return table
     if not report_only:
         _execute(c, selected, echo)
     return _report(c, echo)

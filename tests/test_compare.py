@@ -255,3 +255,16 @@ def test_a_given_value_is_checked_and_makes_the_tunes_that_take_it_stale(write_e
                ).write(e.tune_dir("combined") / "tune.json")
     assert "combined" in Comparison(e, {"nearest": "0.01"}, write=False).records
     assert "combined" not in Comparison(e, {"nearest": "0.001"}, write=False).records
+
+
+def test_tune_only_runs_the_tunes_and_scores_no_test_document(write_experiment):
+    """--tune-only: the tunes the selected methods need, their table, and no run."""
+    e = load(write_experiment())
+    printed = []
+    table = compare(e, only=["combined"], tune_only=True, echo=printed.append)
+    record = TuneRecord.read(e.tune_dir("nearest") / "tune.json")
+    assert record.tuned and len(record.rows) == 2
+    assert f"| nearest | lr | {record.value} | tuned on 2 validation docs" in table and table in printed
+    assert not (e.tune_dir("dyneval") / "tune.json").exists()  # combined does not take dyneval's value
+    assert not e.log_dir.exists() and not e.out.joinpath("runs").exists()
+    assert build_parser().parse_args(["compare", "x.toml", "--tune-only"]).tune_only
