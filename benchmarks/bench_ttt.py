@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_ttt.py [--device cpu] [--docs 4] [--k 10] [--max-length 256] [--cap 128]
                                       [--synthetic] [--precision fp32] [--repeats 2] [--json PATH]
+                                      [--experiment TOML] [--configs LABELS] [--documents JSONL]
 
 Three measurements on the same documents, in one run:
 1. ttt-nn as the harness runs it, per document: retrieval, training (forward + backward +
@@ -24,6 +25,11 @@ Three measurements on the same documents, in one run:
    LABEL=VALUE`` where no record is on this machine, without its curve's extra scoring passes
    (``eval_at_k``); the neighbour cap and the documents are the benchmark's, k the method's
    where it declares one (else ``--k``); (1) to (3) run the ``--default`` configuration's.
+
+Everything runs on the experiment's index and model (``[experiment] index``/``pretrained``;
+the bundled ones where it names none), so experts built for that index run as its methods do.
+The documents are the first ``--docs`` of 6,000 to 12,000 characters in ``--documents`` (a
+JSONL of texts; default: the bundled test split).
 
 ``--synthetic`` trains on synthetic neighbours of exactly ``--max-length`` tokens (random
 token ids, indexed like any corpus) instead of the bundled code neighbours: the paper's
@@ -173,27 +179,35 @@ def main() -> None:
                    help="the configuration the reference-style loop mirrors (default: %(default)s)")
     p.add_argument("--chosen", nargs="*", default=[], metavar="LABEL=VALUE",
                    help="values for tunes whose records are not on this machine (e.g. nearest=1e-4)")
+    p.add_argument("--documents", type=Path, help="JSONL of texts to score (default: the bundled test split)")
     args = p.parse_args()
     if any("=" not in kv for kv in args.chosen):
         p.error(f"--chosen takes LABEL=VALUE pairs, got {args.chosen}")
-    configs = configurations(args.experiment, args.configs.split(",") if args.configs else None,
+    from lm_eval_ttt.experiment import load
+
+    experiment = load(args.experiment)
+    configs = configurations(experiment, args.configs.split(",") if args.configs else None,
                              dict(kv.split("=", 1) for kv in args.chosen))
     if args.default not in configs:
         p.error(f"--default {args.default!r} is not among the configurations {', '.join(configs)}")
     configs = {args.default: configs.pop(args.default), **configs}
     from lm_eval_ttt.assets import bundled_lm_path
 
-    texts = [json.loads(line)["text"] for line in open(bundled_corpus() / "stdlib_code.test.jsonl", encoding="utf-8")]
+    documents = args.documents or bundled_corpus() / "stdlib_code.test.jsonl"
+    texts = [json.loads(line)["text"] for line in open(documents, encoding="utf-8")]
     texts = [t for t in texts if 6000 < len(t) < 12000][: args.docs]
+    if not texts:
+        p.error(f"{documents}: no document of 6,000 to 12,000 characters")
     requests = [Instance(ROLLING, {}, (t,), i) for i, t in enumerate(texts)]
     with tempfile.TemporaryDirectory() as logs:
-        index = None
+        index = experiment.index
         if args.synthetic:
             from transformers import AutoTokenizer
 
             index = str(synthetic_index(AutoTokenizer.from_pretrained(bundled_lm_path()), args.max_length))
-        base = dict(k=args.k, max_length=args.max_length, max_neighbor_tokens=args.cap, index=index, log_dir=logs,
-                    neighbour_cache=str(Path(logs) / "cache"), device=args.device, batch_size=1, seed=1,
+        model = {"pretrained": experiment.pretrained} if experiment.pretrained else {}
+        base = dict(**model, k=args.k, max_length=args.max_length, max_neighbor_tokens=args.cap, index=index,
+                    log_dir=logs, neighbour_cache=str(Path(logs) / "cache"), device=args.device, batch_size=1, seed=1,
                     precision=args.precision, dtype="float32")
         lm = TTTNNLM(**{**base, **configs[args.default]})
         lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)  # as the base loop does
@@ -259,13 +273,11 @@ def main() -> None:
     write_json(args.json, out)
 
 
-def configurations(path: Path, labels: list[str] | None, chosen: dict[str, str]) -> dict[str, dict]:
+def configurations(experiment, labels: list[str] | None, chosen: dict[str, str]) -> dict[str, dict]:
     """label -> model arguments of the experiment's ttt-nn methods: declared, with the values
     their tune records hold (or ``chosen``), without what the benchmark sets itself."""
     from lm_eval_ttt.compare import Comparison
-    from lm_eval_ttt.experiment import load
 
-    experiment = load(path)
     comparison = Comparison(experiment, chosen, write=False)  # the benchmark leaves the experiment's records alone
     out = {}
     for m in experiment.methods:
@@ -284,7 +296,8 @@ def time_config(base: dict, args: dict, name: str, requests, texts, device: str)
     """(lr, seconds per document, bits per byte) of one configuration: wall time, retrieval up
     front as the base loop does, after a warm-up document."""
     lm = TTTNNLM(**{**base, **args, "log_dir": f"{base['log_dir']}/{name}"})
-    lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)
+    if lm.k:  # experts alone (k=0) retrieve nothing
+        lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)
     lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up, then scored again from scratch
     for f in Path(base["log_dir"], name).glob("*.jsonl"):
         f.unlink()
@@ -294,7 +307,7 @@ def time_config(base: dict, args: dict, name: str, requests, texts, device: str)
     sync(device)
     seconds = (time.perf_counter() - start) / len(texts)
     lm.close()
-    return lm.trainer.lr, seconds, bpb
+    return (lm.trainer.lr if lm.trainer is not None else None), seconds, bpb  # experts alone train nothing
 
 
 def compare_configs(configs: dict, base: dict, requests, texts, reference_s: float, reference_bpb: float,
