@@ -343,13 +343,12 @@ def run(experiment: Experiment, only: list[str] | None = None, chosen: dict[str,
         selected = [s for s in selected if s.kind == "tune"]
     if print_plan:
         return plan(c, selected)
-    if tune_only:
+    if not report_only:
         _execute(c, selected, echo)
+    if tune_only:
         table = _tunes(c)
         echo(table)
         return table
-    if not report_only:
-        _execute(c, selected, echo)
     return _report(c, echo)
 
 
