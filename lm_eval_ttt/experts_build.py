@@ -6,13 +6,17 @@ is smaller), their vectors as the index keeps them (stored float16 copies or exa
 vectors) or, for an index of lossy codes only (PQ), their texts re-embedded with the
 index's encoder: the manifest says which. The vectors are L2-normalised and clustered by
 Faiss's spherical k-means, so a centroid is the unit key the query's cosine is taken with.
-Each sampled document belongs to its nearest centroid.
 
-Documents per expert: up to ``docs_per_expert`` of the cluster's sampled documents, in a
-permutation seeded by the build seed and the cluster id, trained in that order, one step per
-chunk of ``max_length`` tokens of each document's first ``max_doc_tokens`` tokens: the same
-trainer (``trainers.build_trainer``, adapter=lora) and the same steps as test-time training
-on neighbours, reset between experts.
+Documents per expert, drawn apart from the clustering's sample so the budget of
+``clusters x docs_per_expert`` training documents is spent evenly: the index's documents in a
+permutation seeded by the build seed are assigned to their nearest centroid, batch by batch,
+and each cluster keeps the first ``docs_per_expert`` that fall in it (a uniform sample of its
+members); the scan stops once every cluster is full, or after ``SCAN_FACTOR`` times the budget
+(a cluster still short trains on what it found; the manifest's plan records how many documents
+were scanned). Each expert trains on its documents in that order, one step per chunk of
+``max_length`` tokens of each document's first ``max_doc_tokens`` tokens: the same trainer
+(``trainers.build_trainer``, adapter=lora) and the same steps as test-time training on
+neighbours, reset between experts.
 
 The index is opened through ``open_index``, so a directory and gRPC shard servers serve
 alike. Every expert is written atomically as it finishes and the manifest with it; a build
@@ -23,6 +27,7 @@ settings is refused.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +48,10 @@ from .ttt import capped_tokens
 SAMPLE_PER_CLUSTER = 256  # faiss.Kmeans's max_points_per_centroid: more points would be subsampled anyway
 KMEANS_ITERATIONS = 20
 VECTOR_BATCH = 4096
-PLAN = ("a seeded sample of the index's documents clustered by spherical k-means; per cluster, up to "
-        "docs_per_expert of its sampled documents in a permutation seeded by (seed, cluster), trained in that "
-        "order, one step per chunk")
+SCAN_FACTOR = 16  # documents scanned for the experts' documents, at most, per document of the budget
+PLAN = ("a seeded sample of the index's documents clustered by spherical k-means; per cluster, the first "
+        "docs_per_expert documents of a seeded permutation of the whole index whose nearest centroid it is, "
+        "trained in that order, one step per chunk")
 
 
 def load_model(pretrained: str, dtype: str = "auto"):
@@ -62,24 +68,55 @@ def load_model(pretrained: str, dtype: str = "auto"):
     return model, transformers.AutoTokenizer.from_pretrained(pretrained)
 
 
-def sample_vectors(index, ids: np.ndarray, progress: bool) -> tuple[np.ndarray, str]:
-    """The vectors of ``ids``: as the index keeps them, else their texts re-embedded."""
-    encoder, rows, source = None, [], None
-    for i in tqdm(range(0, len(ids), VECTOR_BATCH), desc="sample vectors", unit="batch", disable=not progress):
-        batch = ids[i : i + VECTOR_BATCH].tolist()
-        vectors, source = index.vectors(batch)
+def vector_batches(index, ids: np.ndarray, desc: str, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """(ids, their vectors, where the vectors came from) batch by batch: as the index keeps
+    them, else their texts re-embedded."""
+    encoder = None
+    for i in tqdm(range(0, len(ids), VECTOR_BATCH), desc=desc, unit="batch", disable=not progress):
+        batch = ids[i : i + VECTOR_BATCH]
+        vectors, source = index.vectors(batch.tolist())
         if vectors is None:
             encoder = encoder or encoder_of(index.manifest.encoder)
-            texts = index.texts(batch)
+            texts = index.texts(batch.tolist())
             if any(t is None for t in texts):
                 raise ExpertsError("cannot re-embed documents on a shard that is down")
             vectors, source = encoder.encode(texts), "re-embedded"
-        rows.append(np.asarray(vectors, dtype=np.float32))
-    return np.concatenate(rows), source
+        yield batch, np.asarray(vectors, dtype=np.float32), source
 
 
-def cluster(vectors: np.ndarray, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unit centroids, each vector's cluster) of spherical k-means on the normalised vectors."""
+def sample_vectors(index, ids: np.ndarray, progress: bool) -> tuple[np.ndarray, str]:
+    """The vectors of ``ids`` and where they came from."""
+    batches = list(vector_batches(index, ids, "sample vectors", progress))
+    return np.concatenate([v for _, v, _ in batches]), batches[-1][2]
+
+
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Each vector's cluster: the unit centroid of highest cosine."""
+    return np.argmax(vectors @ centroids.T, axis=1)  # a positive scale of a row keeps its argmax
+
+
+def expert_documents(index, centroids: np.ndarray, settings: ExpertsSettings,
+                     progress: bool) -> tuple[list[list[int]], int]:
+    """Per cluster, the first ``docs_per_expert`` documents of a seeded permutation of the
+    index whose nearest centroid it is, and how many documents were scanned to find them."""
+    n, clusters, per = index.manifest.n_vectors, len(centroids), settings.docs_per_expert
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # a permutation of the Pile in 0.8 GB
+    np.random.default_rng([settings.seed, 1]).shuffle(order)
+    order = order[: SCAN_FACTOR * clusters * per]
+    chosen: list[list[int]] = [[] for _ in range(clusters)]
+    scanned = 0
+    for ids, vectors, _ in vector_batches(index, order, "experts' documents", progress):
+        for doc, c in zip(ids.tolist(), nearest_centroid(vectors, centroids).tolist()):
+            if len(chosen[c]) < per:
+                chosen[c].append(doc)
+        scanned += len(ids)
+        if all(len(docs) == per for docs in chosen):
+            break
+    return chosen, scanned
+
+
+def cluster(vectors: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+    """The unit centroids of spherical k-means on the normalised vectors."""
     import faiss
 
     x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -87,7 +124,7 @@ def cluster(vectors: np.ndarray, clusters: int, seed: int) -> tuple[np.ndarray, 
                           max_points_per_centroid=SAMPLE_PER_CLUSTER)
     kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
     centroids = kmeans.centroids / np.maximum(np.linalg.norm(kmeans.centroids, axis=1, keepdims=True), 1e-12)
-    return centroids.astype(np.float32), np.argmax(x @ centroids.T, axis=1)
+    return centroids.astype(np.float32)
 
 
 def plan(index, settings: ExpertsSettings, model_fingerprint: str, pretrained: str,
@@ -100,17 +137,14 @@ def plan(index, settings: ExpertsSettings, model_fingerprint: str, pretrained: s
     rng = np.random.default_rng(settings.seed)
     ids = np.sort(rng.choice(n, size=sample_size(n, settings), replace=False))
     vectors, source = sample_vectors(index, ids, progress)
-    centroids, assigned = cluster(vectors, settings.clusters, settings.seed)
-    experts = []
-    for c in range(settings.clusters):
-        members = ids[assigned == c]
-        order = np.random.default_rng([settings.seed, c]).permutation(len(members))
-        experts.append(Expert(cluster=c, docs=[int(members[i]) for i in order[: settings.docs_per_expert]]))
+    centroids = cluster(vectors, settings.clusters, settings.seed)
+    documents, scanned = expert_documents(index, centroids, settings, progress)
+    experts = [Expert(cluster=c, docs=docs) for c, docs in enumerate(documents)]
     manifest = ExpertsManifest(
         pretrained=pretrained, model=model_fingerprint, index=index.manifest.identity, vectors=source,
         clustering={"clusters": settings.clusters, "method": "faiss spherical k-means", "iterations": KMEANS_ITERATIONS,
                     "sample": len(ids), "seed": settings.seed, "centroids_sha256": ""},
-        training=settings.training(), experts=experts, plan={"documents": PLAN})
+        training=settings.training(), experts=experts, plan={"documents": PLAN, "scanned": scanned})
     manifest.clustering_s = time.perf_counter() - start
     return manifest, centroids
 

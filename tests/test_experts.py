@@ -84,7 +84,6 @@ def test_merging_is_exact_in_delta_w_never_an_average_of_factors(tiny_lm):
     with experts.applied(choice):
         merged = model(ids).logits
     assert torch.equal(model(ids).logits, base_logits)  # outside the document the offset is gone
-    experts.close()
     dense, averaged = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
         for name in names:
@@ -112,6 +111,23 @@ def test_build_writes_every_expert_with_its_cluster_documents_and_cost(built, fa
         assert expert.steps == sum(len(chunk_tokens(t[:96], 64)) for t in _tokens(tiny_lm, fake_index, expert.docs))
     assert len({tuple(e.docs) for e in manifest.experts}) == 3
     assert manifest.offline_s == pytest.approx(manifest.clustering_s + sum(e.seconds for e in manifest.experts))
+
+
+def test_each_expert_draws_its_documents_from_the_whole_index_not_the_clustering_sample(fake_index, monkeypatch):
+    from lm_eval_ttt import experts_build
+
+    monkeypatch.setattr(experts_build, "SAMPLE_PER_CLUSTER", 10)  # k-means sees 30 of the 120 documents
+    settings = ExpertsSettings(clusters=3, docs_per_expert=8)
+    manifest, keys = experts_build.plan(fake_index, settings, "model", "pretrained", progress=False)
+    assert manifest.clustering["sample"] == 30
+    members = np.argmax(fake_index.data @ keys.T, axis=1)
+    for expert in manifest.experts:
+        size = int((members == expert.cluster).sum())
+        assert len(expert.docs) == min(8, size)  # the budget spent evenly, not bounded by the sample's share
+        assert len(set(expert.docs)) == len(expert.docs) and all(members[d] == expert.cluster for d in expert.docs)
+    assert manifest.plan["scanned"] <= len(fake_index.data)
+    again, _ = experts_build.plan(fake_index, settings, "model", "pretrained", progress=False)
+    assert [e.docs for e in again.experts] == [e.docs for e in manifest.experts]  # seeded
 
 
 def _tokens(tiny_lm, index, ids):
