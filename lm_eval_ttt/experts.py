@@ -11,15 +11,18 @@ At test time (``--model ttt-nn`` with ``experts=DIR``) the document's query embe
 one retrieval computes, picks the ``experts_top`` experts whose keys have the highest
 cosine with it, weighted by a softmax over those cosines at ``experts_temperature`` (TTMM's
 ``exp(-(1 - cos) / beta^2)`` with beta = 0.2 is a softmax at temperature 0.04). The merge is
-exact in delta W: each adapted layer adds ``sum_k w_k s (B_k A_k) x`` to its output, applied
-as one low-rank product of the concatenated factors (``A = [w_1 s A_1; ...]``,
-``B = [B_1 ... B_M]``, rank M r), never an average of the A and B factors apart: the product
-of averaged factors is not the average of the products (it adds cross terms ``B_k A_l``
-between experts whose trained A differ). The
-offset sits beside the weights, not in them: whatever test-time training then updates
-(every weight, the top blocks, fresh adapters) starts from base + experts, and its reset
-returns there; leaving the document removes the offset, so the base weights are never
-written. The experts stay in memory across documents.
+exact in delta W: each adapted layer's weight becomes ``W + sum_k w_k s B_k A_k``, computed as
+one product of the concatenated factors (``A = [w_1 s A_1; ...]``, ``B = [B_1 ... B_M]``),
+never an average of the A and B factors apart: the product of averaged factors is not the
+average of the products (it adds cross terms ``B_k A_l`` between experts whose trained A
+differ). The offset is folded into the weights for the document, so its forward and backward
+passes cost what the base model's do (an offset kept beside the weights as a rank M r
+product costs every step more, the more experts are merged), and whatever test-time
+training then updates (every weight, the top blocks, fresh adapters) starts from base +
+experts. Leaving the document copies the base weights back from one copy of the adapted
+layers taken when the experts are attached: bit for bit, whatever the training did. The
+merged weight is rounded to the weight's dtype (in a bfloat16 model, to bfloat16, as peft's
+own merge of an adapter rounds). The experts stay in memory across documents.
 """
 
 from __future__ import annotations
@@ -173,8 +176,8 @@ class Experts:
                  factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]):
         self.directory, self.manifest, self.keys, self.factors = directory, manifest, keys, factors
         self.scale = manifest.training["lora_alpha"] / manifest.training["lora_r"]
-        self._offsets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._hooks: list = []
+        self._layers: dict[str, torch.nn.Module] = {}
+        self._base: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(cls, directory: str | Path, model_fingerprint: str, index_identity: str) -> Experts:
@@ -215,43 +218,40 @@ class Experts:
         return ExpertChoice([ids[i] for i in choice.ids], choice.weights, choice.cosines)
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Hooks on the linear layers the experts adapt (paths in ``model``, the plain model
-        before any test-time adapter wraps it; a wrapper keeps these modules as its base layers)."""
+        """The linear layers the experts adapt (paths in ``model``, the plain model before any
+        test-time adapter wraps it; a wrapper keeps these modules as its base layers), and a
+        copy of their weights to restore after each document."""
         modules = dict(model.named_modules())
         names = {name for layers in self.factors.values() for name in layers}
         missing = sorted(names - modules.keys())
         if missing:
             raise ExpertsError(f"{self.directory}: the model has no layer {missing[0]} (and {len(missing) - 1} more) "
                                f"that the experts adapt")
+        self._layers = {name: modules[name] for name in sorted(names)}
         # each layer's factors where its weight lies (a model may span devices)
         self.factors = {c: {n: (a.to(modules[n].weight.device), b.to(modules[n].weight.device))
                             for n, (a, b) in layers.items()} for c, layers in self.factors.items()}
-        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in sorted(names)]
-
-    def _hook(self, name: str):
-        def add_offset(module, args, output):
-            if self._offsets is None or name not in self._offsets:
-                return output
-            a, b = self._offsets[name]
-            x = args[0]
-            return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype)
-
-        return add_offset
+        with torch.no_grad():
+            self._base = {name: m.weight.detach().clone() for name, m in self._layers.items()}
 
     @contextlib.contextmanager
     def applied(self, choice: ExpertChoice) -> Iterator[None]:
-        """Forward passes inside run with the chosen experts merged: per layer, the factors
-        concatenated with their weights (exact in delta W)."""
-        offsets = {}
-        for name in {n for c in choice.ids for n in self.factors[c]}:
-            parts = [(w * self.scale * self.factors[c][name][0], self.factors[c][name][1])
-                     for c, w in zip(choice.ids, choice.weights) if name in self.factors[c]]
-            offsets[name] = (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
-        self._offsets = offsets
+        """Inside, the chosen experts are merged into the adapted layers' weights (exact in
+        delta W); leaving restores the base weights from their copy."""
+        touched = sorted({n for c in choice.ids for n in self.factors[c]})
         try:
+            with torch.no_grad():
+                for name in touched:
+                    parts = [(w * self.scale * self.factors[c][name][0], self.factors[c][name][1])
+                             for c, w in zip(choice.ids, choice.weights) if name in self.factors[c]]
+                    delta = torch.cat([b for _, b in parts], dim=1) @ torch.cat([a for a, _ in parts])
+                    weight = self._layers[name].weight
+                    weight.copy_((self._base[name].to(delta.dtype) + delta).to(weight.dtype))
             yield
         finally:
-            self._offsets = None
+            with torch.no_grad():
+                for name in touched:
+                    self._layers[name].weight.copy_(self._base[name])
 
     def info(self) -> dict:
         """What the results record of the experts: where, which, and their offline cost."""
@@ -259,8 +259,3 @@ class Experts:
         return {"dir": str(self.directory.resolve()), "digest": m.digest(), "clusters": len(m.experts),
                 "docs_per_expert": m.training["docs_per_expert"], "offline_s": m.offline_s,
                 "clustering_s": m.clustering_s, "vectors": m.vectors, "cpu": m.cpu}
-
-    def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
