@@ -48,8 +48,7 @@ lm = TTTNNLM(**{"k": args["k"], "max_length": args["max_length"], "max_neighbor_
                 "device": args["device"], "batch_size": 1, "seed": 1, "dtype": "float32", "resume": False,
                 "log_dir": args["logs"], **extra})
 requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
-if lm.retriever is not None:
-    lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)
+lm.prefetch(texts)
 if args["device"].startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()

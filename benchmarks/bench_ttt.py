@@ -210,7 +210,7 @@ def main() -> None:
                     log_dir=logs, neighbour_cache=str(Path(logs) / "cache"), device=args.device, batch_size=1, seed=1,
                     precision=args.precision, dtype="float32")
         lm = TTTNNLM(**{**base, **configs[args.default]})
-        lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)  # as the base loop does
+        lm.prefetch(texts)  # as the base loop does
         lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up: allocator, kernels
         neighbours = {t: lm.retriever.neighbours(t, lm.k).texts for t in texts}  # the configuration's k
         ours, records, ours_wall, pure = {}, [], 0.0, []
@@ -293,11 +293,10 @@ def configurations(experiment, labels: list[str] | None, chosen: dict[str, str])
 
 
 def time_config(base: dict, args: dict, name: str, requests, texts, device: str) -> tuple[float, float, float]:
-    """(lr, seconds per document, bits per byte) of one configuration: wall time, retrieval up
+    """(neighbour steps' lr, seconds per document, bits per byte) of one configuration: wall time, retrieval up
     front as the base loop does, after a warm-up document."""
     lm = TTTNNLM(**{**base, **args, "log_dir": f"{base['log_dir']}/{name}"})
-    if lm.k:  # experts alone (k=0) retrieve nothing
-        lm.retriever.prefetch(texts, lm.retriever.fetch_k(lm.k), progress=False)
+    lm.prefetch(texts)
     lm.loglikelihood_rolling(requests[:1], disable_tqdm=True)  # warm-up, then scored again from scratch
     for f in Path(base["log_dir"], name).glob("*.jsonl"):
         f.unlink()
@@ -307,7 +306,7 @@ def time_config(base: dict, args: dict, name: str, requests, texts, device: str)
     sync(device)
     seconds = (time.perf_counter() - start) / len(texts)
     lm.close()
-    return (lm.trainer.lr if lm.trainer is not None else None), seconds, bpb  # experts alone train nothing
+    return (lm.trainer.lr if lm.k else None), seconds, bpb  # the neighbour steps' rate; none without neighbours
 
 
 def compare_configs(configs: dict, base: dict, requests, texts, reference_s: float, reference_bpb: float,
@@ -322,7 +321,7 @@ def compare_configs(configs: dict, base: dict, requests, texts, reference_s: flo
                      "speedup_over_reference": round(reference_s / seconds, 2),
                      "as_good_as_reference": bpb <= reference_bpb * (1 + SAME_BPB)})
     report(f"configurations on the same documents; the reference-style loop: {reference_s:.2f} s/doc, "
-           f"{reference_bpb:.6f} bits per byte", ["configuration", "arguments", "lr", "s/doc", "bits/byte",
+           f"{reference_bpb:.6f} bits per byte", ["configuration", "arguments", "neighbour lr", "s/doc", "bits/byte",
                                                   "x reference", "as good"],
            [list(r.values()) for r in rows])
     default = rows[0] if rows else None  # the configuration the reference loop mirrors
