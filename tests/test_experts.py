@@ -84,6 +84,9 @@ def test_merging_is_exact_in_delta_w_never_an_average_of_factors(tiny_lm):
     with experts.applied(choice):
         merged = model(ids).logits
     assert torch.equal(model(ids).logits, base_logits)  # outside the document the offset is gone
+    with pytest.raises(RuntimeError), experts.applied(choice):
+        raise RuntimeError("a document that fails half-way")
+    assert torch.equal(model(ids).logits, base_logits)  # restored bit for bit all the same
     dense, averaged = copy.deepcopy(model), copy.deepcopy(model)
     with torch.no_grad():
         for name in names:
