@@ -177,6 +177,7 @@ class Experts:
         self.directory, self.manifest, self.keys, self.factors = directory, manifest, keys, factors
         self.scale = manifest.training["lora_alpha"] / manifest.training["lora_r"]
         self._layers: dict[str, torch.nn.Module] = {}
+        self._transposed: set[str] = set()
         self._base: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -227,7 +228,18 @@ class Experts:
         if missing:
             raise ExpertsError(f"{self.directory}: the model has no layer {missing[0]} (and {len(missing) - 1} more) "
                                f"that the experts adapt")
+        from transformers.pytorch_utils import Conv1D
+
         self._layers = {name: modules[name] for name in sorted(names)}
+        # GPT-2's Conv1D keeps its weight as (in, out), the transpose of B A (peft's fan_in_fan_out)
+        self._transposed = {name for name, m in self._layers.items() if isinstance(m, Conv1D)}
+        for c, layers in self.factors.items():
+            for name, (a, b) in layers.items():
+                shape = tuple(self._layers[name].weight.shape)
+                expected = (a.shape[1], b.shape[0]) if name in self._transposed else (b.shape[0], a.shape[1])
+                if shape != expected:
+                    raise ExpertsError(f"{self.directory}: expert {c}'s factors for {name} make a {expected} "
+                                       f"offset; the model's weight there is {shape}")
         # each layer's factors where its weight lies (a model may span devices)
         self.factors = {c: {n: (a.to(modules[n].weight.device), b.to(modules[n].weight.device))
                             for n, (a, b) in layers.items()} for c, layers in self.factors.items()}
@@ -245,8 +257,11 @@ class Experts:
                     parts = [(w * self.scale * self.factors[c][name][0], self.factors[c][name][1])
                              for c, w in zip(choice.ids, choice.weights) if name in self.factors[c]]
                     delta = torch.cat([b for _, b in parts], dim=1) @ torch.cat([a for a, _ in parts])
+                    if name in self._transposed:
+                        delta = delta.T
                     weight = self._layers[name].weight
-                    weight.copy_((self._base[name].to(delta.dtype) + delta).to(weight.dtype))
+                    dtype = torch.promote_types(weight.dtype, delta.dtype)  # the sum in the wider of the two
+                    weight.copy_((self._base[name].to(dtype) + delta.to(dtype)).to(weight.dtype))
             yield
         finally:
             with torch.no_grad():

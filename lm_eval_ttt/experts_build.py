@@ -100,9 +100,9 @@ def expert_documents(index, centroids: np.ndarray, settings: ExpertsSettings,
     """Per cluster, the first ``docs_per_expert`` documents of a seeded permutation of the
     index whose nearest centroid it is, and how many documents were scanned to find them."""
     n, clusters, per = index.manifest.n_vectors, len(centroids), settings.docs_per_expert
-    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)  # a permutation of the Pile in 0.8 GB
-    np.random.default_rng([settings.seed, 1]).shuffle(order)
-    order = order[: SCAN_FACTOR * clusters * per]
+    # a seeded draw in random order; numpy draws a few ids of a large index without permuting it
+    order = np.random.default_rng([settings.seed, 1]).choice(n, size=min(n, SCAN_FACTOR * clusters * per),
+                                                              replace=False)
     chosen: list[list[int]] = [[] for _ in range(clusters)]
     scanned = 0
     for ids, vectors, _ in vector_batches(index, order, "experts' documents", progress):

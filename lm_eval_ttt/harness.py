@@ -361,16 +361,19 @@ class NeighbourLM(HFLM):
         return self.training_order(found), time.perf_counter() - start
 
     def _prefetch(self, documents: list[Document]) -> None:
-        if not documents or self.neighbour_settings is None:
+        if not documents or not self._retrieves():
             return
         excluded = max(len(self.exclude_ids(d)) for d in documents)
         self.prefetch([d.query(self.neighbour_settings.query) for d in documents], excluded, progress=self.rank == 0)
+
+    def _retrieves(self) -> bool:
+        return self.retriever is not None and self.k > 0
 
     def prefetch(self, queries: list[str], excluded: int = 0, progress: bool = False) -> None:
         """Retrieve the neighbours of these query texts up front, in batched searches, as the
         loop does before scoring its documents (``excluded``: the most ids a document drops);
         nothing when this model retrieves no neighbours (k=0, or no retriever)."""
-        if self.retriever is None or self.k == 0 or not queries:
+        if not queries or not self._retrieves():
             return
         stats = self.retriever.prefetch(queries, self.retriever.fetch_k(self.k, excluded),
                                         batch=self.neighbour_settings.retrieval_batch, progress=progress)

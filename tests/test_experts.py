@@ -61,11 +61,18 @@ def test_merge_weights_are_a_stable_softmax_over_the_top_cosines():
     assert merge_weights(np.array([0.3, 0.2]), top=1, temperature=0.04).weights == [1.0]
 
 
+def _in_out(module) -> tuple[int, int]:
+    from transformers.pytorch_utils import Conv1D
+
+    rows, cols = module.weight.shape
+    return (rows, cols) if isinstance(module, Conv1D) else (cols, rows)  # Conv1D keeps (in, out)
+
+
 def _synthetic(model, names, rank=2, experts=2, seed=0):
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
-    factors = {c: {n: (torch.randn(rank, modules[n].in_features, generator=generator) * 0.5,
-                       torch.randn(modules[n].out_features, rank, generator=generator) * 0.5) for n in names}
+    factors = {c: {n: (torch.randn(rank, _in_out(modules[n])[0], generator=generator) * 0.5,
+                       torch.randn(_in_out(modules[n])[1], rank, generator=generator) * 0.5) for n in names}
                for c in range(experts)}
     manifest = ExpertsManifest(pretrained="", model="", index="", vectors="exact",
                                clustering={"clusters": experts, "seed": 0, "sample": 0, "centroids_sha256": ""},
@@ -97,6 +104,31 @@ def test_merging_is_exact_in_delta_w_never_an_average_of_factors(tiny_lm):
             dict(averaged.named_modules())[name].weight += experts.scale * mean_b @ mean_a
     assert torch.allclose(merged, dense(ids).logits, atol=1e-4)
     assert not torch.allclose(merged, averaged(ids).logits, atol=1e-2)
+
+
+def test_gpt2_conv1d_layers_take_the_offset_in_their_own_layout():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32, vocab_size=64))
+    model.eval()  # no dropout
+    names = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]  # (in, out) weights; c_proj square
+    experts = _synthetic(model, names, experts=1)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    reference = copy.deepcopy(model)  # each layer's output plus s x A^T B^T, as the LoRA the expert was
+    for name in names:
+        a, b = experts.factors[0][name]
+        dict(reference.named_modules())[name].register_forward_hook(
+            lambda module, args, out, a=a, b=b: out + experts.scale * args[0] @ a.T @ b.T)
+    experts.attach(model)
+    with experts.applied(ExpertChoice([0], [1.0], [1.0])):
+        merged = model(ids).logits
+    assert torch.allclose(merged, reference(ids).logits, atol=1e-4)
+    wrong = _synthetic(model, ["transformer.h.0.attn.c_attn"], experts=1)
+    a, b = wrong.factors[0]["transformer.h.0.attn.c_attn"]
+    wrong.factors[0]["transformer.h.0.attn.c_attn"] = (b.T, a.T)  # factors of a (32 x 96) layer
+    with pytest.raises(ExpertsError, match="c_attn.*weight there is"):
+        wrong.attach(model)
 
 
 def test_build_writes_every_expert_with_its_cluster_documents_and_cost(built, fake_index, tiny_lm):
