@@ -243,13 +243,15 @@ def _base(runs: list[Run], run: Run, label: str | None = None) -> Run | None:
 
 def base_scores(runs: list[Run], run: Run, label: str | None = None) -> dict:
     """Per-document scores of the base model on ``run``'s task: the base run's (hf's from its
-    samples or sidecar), else the k=0 point of a ttt-nn run of the same task and model."""
+    samples or sidecar), else the k=0 point of a ttt-nn run of the same task and model
+    without experts (with them, k=0 is the merged experts, not the base model)."""
     base = _base(runs, run, label)
     scores = base.scores() if base is not None else {}
     if scores:
         return scores
     for other in runs:
-        if other.task == run.task and other.model == run.model and (at_0 := other.scores(at_k=0)):
+        if (other.task == run.task and other.model == run.model and other.offline_s is None
+                and (at_0 := other.scores(at_k=0))):
             return at_0
     return {}
 

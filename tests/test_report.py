@@ -337,6 +337,19 @@ def test_the_base_comes_from_samples_or_a_k0_point(results, tmp_path):
         samples.unlink()
 
 
+def test_a_k0_point_with_experts_is_not_the_base_model(results):
+    """Experts change a document's scores at k=0: such a run's k=0 point is no stand-in for hf."""
+    import dataclasses
+
+    from lm_eval_ttt.report import base_scores
+
+    runs = load_runs([results])
+    ttt = next(r for r in runs if r.method == "ttt-nn")
+    with_experts = dataclasses.replace(ttt, label="experts", offline_s=10.0)
+    assert base_scores([with_experts], with_experts) == {}
+    assert base_scores([with_experts, ttt], with_experts) == ttt.scores(at_k=0)
+
+
 def test_a_runs_documents_are_those_its_samples_name(tmp_path):
     """A log keyed by settings holds every run of those settings (another sample of the same
     test split too): the run's records are the ones its --log_samples file names, one per
