@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocator import keep_freed_memory
 from .lora import BatchedLoRA, BatchedLoRATrainer, add_lora
 from .settings import (
     DEFAULT_LORA_LR,
@@ -160,6 +161,8 @@ def build_trainer(model: torch.nn.Module, t: TrainSettings, *, max_length: int, 
     adapted one when ``adapter=lora`` wraps it. ``peft_loaded``: ``model`` carries a
     ``peft=`` adapter, which is what trains. ``method_lr``: the method's rate when ``lr`` is
     not given (None: the paper's rule for the model's size, or LoRA's default)."""
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # each step reuses the memory the step before freed (allocator.py)
     if peft_loaded:
         _train_loaded_adapter(model)
     if t.lr is not None:
