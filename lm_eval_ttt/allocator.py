@@ -4,8 +4,8 @@ A test-time training step frees and allocates again hundreds of megabytes: the g
 moments after each reset, the activations and the logits. glibc's malloc serves blocks above
 its mmap threshold (at most 32 MB) with fresh mappings and gives them back on free, and trims
 the top of its heap back to the kernel, so every step faults the same memory in again, one
-zero-filled page at a time: on the bundled SmolLM2-135M about 1.3 million minor page faults per
-document of 3 steps, a quarter of its training seconds (``benchmarks/bench_allocator.py``).
+zero-filled page at a time: on the bundled SmolLM2-135M about 1.2 million minor page faults per
+document of 3 steps; with them gone a step takes 0.72x the seconds (``benchmarks/bench_allocator.py``).
 
 ``keep_freed_memory()`` has malloc serve every block from its heap and trim it only when more
 than 2 GB lie free at its top, as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``
