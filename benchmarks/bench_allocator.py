@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, report, write_json  # noqa: E402
+from _common import parser, peak_rss_mb, report, write_json  # noqa: E402
 
 MODES = ("as it comes", "kept")
 
@@ -61,7 +61,7 @@ def child(mode: str, docs: int, k: int, max_length: int, windows: int) -> dict:
     warm = [s for d, s in steps if d > 0]  # the first document also pays the model's first calls
     return {"step_s": statistics.median(warm), "score_s": statistics.median(s for d, s in scores if d > 0),
             "faults_per_doc": statistics.median(faults[1:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
